@@ -1,0 +1,20 @@
+# The two commands a new user needs (see README):
+#   make demo   set up everything, then run the demo study on the embedded local stack
+#   make test   set up everything, then run the whole test suite (forge + pytest)
+.PHONY: setup demo test bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/seal demo
+
+test: setup
+	cd contracts && ../tools/node_modules/.bin/forge test --offline
+	.venv/bin/pytest
+
+bench: setup
+	.venv/bin/python -m bench
+
+clean:
+	rm -rf .venv tools/node_modules contracts/out contracts/cache .sealroom

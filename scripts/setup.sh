@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Sets up everything the project needs, inside the project folder only:
+#   .venv/                  Python venv with sealroom installed editable, dev extras, CPU torch
+#   tools/node_modules/     anvil, forge and solc from the npm registry, pinned by tools/package-lock.json
+# Idempotent: each part is redone only when its inputs (pyproject.toml, the npm lock) changed.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+stamp_ok() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }
+
+py_inputs=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if ! stamp_ok .venv/.sealroom-stamp "$py_inputs"; then
+  echo "setup: creating Python venv in .venv"
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  pipq() { .venv/bin/pip install --quiet "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }; }
+  pipq --upgrade pip
+  # torch first, pinned to the CPU build, so that no other dependency can pull a CUDA build
+  pipq 'torch==2.13.0'
+  pipq -e '.[dev]'
+  if .venv/bin/pip list 2>/dev/null | grep -qi '^nvidia-'; then
+    echo "setup: error: a CUDA package was pulled into the venv" >&2; exit 1
+  fi
+  echo "$py_inputs" > .venv/.sealroom-stamp
+fi
+
+npm_inputs=$(sha256sum tools/package-lock.json | cut -d' ' -f1)
+if ! stamp_ok tools/node_modules/.sealroom-stamp "$npm_inputs"; then
+  echo "setup: installing anvil, forge and solc from npm into tools/node_modules"
+  (cd tools && npm ci --no-audit --no-fund --loglevel=error)
+  echo "$npm_inputs" > tools/node_modules/.sealroom-stamp
+fi
