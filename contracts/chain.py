@@ -1,0 +1,384 @@
+"""Python bindings for the consortium contracts: DstackApp (k-of-n app auth + privacy budget) and DstackKms.
+
+Every transaction is signed locally (owners' keys never go to the node) and simulated first through gas
+estimation, so a transaction the contract would refuse is never sent: a refusal changes nothing on-chain.
+
+Exception tree::
+
+    ChainError
+    ├── ChainUnreachable            the RPC endpoint did not answer
+    └── ContractReverted            the contract refused; `.error` is its custom error name, `.args_` its arguments
+        ├── NotOwner
+        ├── UnknownComposeHash
+        ├── AlreadyProposed
+        ├── AlreadyApproved
+        ├── ComposeHashIsRevoked
+        ├── InvalidSignature
+        ├── SignatureExpired
+        ├── NotKmsSigner
+        ├── ComposeHashNotAllowed
+        ├── OwnerDidNotApprove
+        ├── BudgetExceeded
+        └── ReleaseAlreadyRecorded
+
+Epsilon is kept on-chain as micro-epsilon integers (`EPSILON_SCALE`); these bindings take and return floats.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Sequence
+
+import eth_abi
+import requests
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+from eth_account.signers.local import LocalAccount
+from eth_utils import keccak, to_checksum_address
+from web3 import HTTPProvider, Web3
+from web3.exceptions import ContractCustomError, ContractLogicError, Web3RPCError
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+EPSILON_SCALE = 10**6
+EIP712_DOMAIN_NAME = "Sealroom DstackApp"
+EIP712_DOMAIN_VERSION = "1"
+
+
+class ChainError(Exception):
+    """Base class for everything these bindings raise about the chain."""
+
+
+class ChainUnreachable(ChainError):
+    def __init__(self, rpc_url: str, detail: str):
+        super().__init__(f"chain unreachable at {rpc_url}: {detail}")
+        self.rpc_url = rpc_url
+
+
+class ContractReverted(ChainError):
+    """The contract refused the call with a custom error (or a plain revert reason)."""
+
+    def __init__(self, error: str, args: Sequence[Any] = (), message: str | None = None):
+        self.error = error
+        self.args_ = tuple(args)
+        super().__init__(message or _describe(error, self.args_))
+
+
+class NotOwner(ContractReverted): ...
+class UnknownComposeHash(ContractReverted): ...
+class AlreadyProposed(ContractReverted): ...
+class AlreadyApproved(ContractReverted): ...
+class ComposeHashIsRevoked(ContractReverted): ...
+class InvalidSignature(ContractReverted): ...
+class SignatureExpired(ContractReverted): ...
+class NotKmsSigner(ContractReverted): ...
+class ComposeHashNotAllowed(ContractReverted): ...
+class OwnerDidNotApprove(ContractReverted): ...
+class BudgetExceeded(ContractReverted): ...
+class ReleaseAlreadyRecorded(ContractReverted): ...
+
+
+_TYPED_ERRORS: dict[str, type[ContractReverted]] = {
+    cls.__name__: cls
+    for cls in (NotOwner, UnknownComposeHash, AlreadyProposed, AlreadyApproved, ComposeHashIsRevoked,
+                InvalidSignature, SignatureExpired, NotKmsSigner, ComposeHashNotAllowed, OwnerDidNotApprove,
+                BudgetExceeded, ReleaseAlreadyRecorded)
+}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bytes):
+        return "0x" + value.hex()
+    return str(value)
+
+
+def _describe(error: str, args: tuple) -> str:
+    """A sentence a user can act on, for the errors people meet; the raw error otherwise."""
+    a = [_fmt(x) for x in args]
+    sentences = {
+        "NotOwner": lambda: f"{a[0]} is not an owner of this study's DstackApp",
+        "UnknownComposeHash": lambda: f"compose hash {a[0]} was never proposed on this DstackApp",
+        "AlreadyProposed": lambda: f"compose hash {a[0]} is already proposed",
+        "AlreadyApproved": lambda: f"{a[1]} has already approved compose hash {a[0]}",
+        "ComposeHashIsRevoked": lambda: f"compose hash {a[0]} has been revoked (revocation is final)",
+        "InvalidSignature": lambda: "the approval signature was not made by the named owner for this contract and chain",
+        "SignatureExpired": lambda: f"the approval signature expired (deadline {a[0]})",
+        "NotKmsSigner": lambda: f"{a[0]} is not the KMS signer registered for this study",
+        "ComposeHashNotAllowed": lambda: f"compose hash {a[0]} has not reached its approval threshold",
+        "OwnerDidNotApprove": lambda: f"owner {a[1]} did not approve compose hash {a[0]}",
+        "BudgetExceeded": lambda: (f"privacy budget exceeded: requested ε={int(args[0]) / EPSILON_SCALE:g}, "
+                                   f"remaining ε={int(args[1]) / EPSILON_SCALE:g}"),
+        "ReleaseAlreadyRecorded": lambda: f"release {a[0]} is already recorded",
+    }
+    if error in sentences:
+        return sentences[error]()
+    return f"contract reverted: {error}({', '.join(a)})"
+
+
+def to_micro_epsilon(epsilon: float) -> int:
+    if not epsilon >= 0:
+        raise ValueError(f"epsilon must be a non-negative number, got {epsilon!r}")
+    return round(epsilon * EPSILON_SCALE)
+
+
+@cache
+def load_artifact(name: str) -> dict:
+    path = ARTIFACTS / f"{name}.json"
+    return json.loads(path.read_text())
+
+
+@cache
+def _error_selectors(name: str) -> dict[bytes, tuple[str, list[str]]]:
+    table = {}
+    for item in load_artifact(name)["abi"]:
+        if item["type"] == "error":
+            types = [i["type"] for i in item["inputs"]]
+            signature = f"{item['name']}({','.join(types)})"
+            table[keccak(text=signature)[:4]] = (item["name"], types)
+    return table
+
+
+def _decode_revert(artifact: str, data: Any, message: str | None) -> ContractReverted:
+    if isinstance(data, dict):
+        data = data.get("data")
+    if isinstance(data, str) and data.startswith("0x") and len(data) >= 10:
+        raw = bytes.fromhex(data[2:])
+        found = _error_selectors(artifact).get(raw[:4])
+        if found:
+            name, types = found
+            args = eth_abi.decode(types, raw[4:])
+            return _TYPED_ERRORS.get(name, ContractReverted)(name, args)
+    return ContractReverted("Revert", (), f"contract reverted: {message or data}")
+
+
+@dataclass(frozen=True)
+class ComposeStatus:
+    compose_hash: bytes
+    proposed: bool
+    allowed: bool
+    revoked: bool
+    approvals: int
+    threshold: int
+    owners: tuple[str, ...]
+    approvers: tuple[str, ...]
+    uri: str
+
+    def to_json(self) -> dict:
+        return {
+            "compose_hash": "0x" + self.compose_hash.hex(), "proposed": self.proposed, "allowed": self.allowed,
+            "revoked": self.revoked, "approvals": self.approvals, "threshold": self.threshold,
+            "owners": list(self.owners), "approvers": list(self.approvers), "uri": self.uri,
+        }
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    budget_micro: int
+    spent_micro: int
+
+    @property
+    def remaining_micro(self) -> int:
+        return self.budget_micro - self.spent_micro
+
+    def to_json(self) -> dict:
+        return {"epsilon_budget": self.budget_micro / EPSILON_SCALE, "epsilon_spent": self.spent_micro / EPSILON_SCALE,
+                "epsilon_remaining": self.remaining_micro / EPSILON_SCALE}
+
+
+class Chain:
+    """A connection to an EVM node, sending locally signed transactions."""
+
+    def __init__(self, rpc_url: str, *, timeout_s: float = 10.0):
+        self.rpc_url = rpc_url
+        self.w3 = Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": timeout_s}))
+        try:
+            self.chain_id = self.w3.eth.chain_id
+        except (requests.RequestException, Web3RPCError, OSError) as exc:
+            raise ChainUnreachable(rpc_url, type(exc).__name__) from None
+
+    def deploy(self, artifact: str, args: Sequence[Any], sender: LocalAccount) -> str:
+        meta = load_artifact(artifact)
+        factory = self.w3.eth.contract(abi=meta["abi"], bytecode=meta["bytecode"])
+        receipt = self.transact(artifact, factory.constructor(*args), sender)
+        return receipt["contractAddress"]
+
+    def transact(self, artifact: str, call: Any, sender: LocalAccount) -> Any:
+        """Simulate, sign and send one transaction; wait for its receipt. Reverts raise typed errors, sending nothing."""
+        try:
+            tx = call.build_transaction({
+                "from": sender.address,
+                "nonce": self.w3.eth.get_transaction_count(sender.address, "pending"),
+                "chainId": self.chain_id,
+            })
+            signed = sender.sign_transaction(tx)
+            tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+            receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=30)
+        except (ContractCustomError, ContractLogicError) as exc:
+            raise _decode_revert(artifact, exc.data, exc.message) from None
+        except (requests.RequestException, OSError) as exc:
+            raise ChainUnreachable(self.rpc_url, type(exc).__name__) from None
+        if receipt["status"] != 1:
+            raise ContractReverted("Revert", (), f"transaction {tx_hash.hex()} reverted")
+        return receipt
+
+    def call(self, artifact: str, call: Any, **kwargs: Any) -> Any:
+        try:
+            return call.call(**kwargs)
+        except (ContractCustomError, ContractLogicError) as exc:
+            raise _decode_revert(artifact, exc.data, exc.message) from None
+        except (requests.RequestException, OSError) as exc:
+            raise ChainUnreachable(self.rpc_url, type(exc).__name__) from None
+
+    def fund(self, funder: LocalAccount, to: str, wei: int) -> None:
+        tx = {"to": to, "value": wei, "gas": 21000, "gasPrice": self.w3.eth.gas_price, "chainId": self.chain_id,
+              "nonce": self.w3.eth.get_transaction_count(funder.address, "pending")}
+        tx_hash = self.w3.eth.send_raw_transaction(funder.sign_transaction(tx).raw_transaction)
+        self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=30)
+
+
+def _hash32(value: bytes | str) -> bytes:
+    raw = bytes.fromhex(value.removeprefix("0x")) if isinstance(value, str) else bytes(value)
+    if len(raw) != 32:
+        raise ValueError(f"a compose hash is 32 bytes, got {len(raw)}")
+    return raw
+
+
+class DstackApp:
+    """One study's multi-sig DstackApp contract; its address is the study's app_id."""
+
+    ARTIFACT = "DstackApp"
+
+    def __init__(self, chain: Chain, address: str):
+        self.chain = chain
+        self.address = to_checksum_address(address)
+        self.contract = chain.w3.eth.contract(address=self.address, abi=load_artifact(self.ARTIFACT)["abi"])
+
+    @classmethod
+    def deploy(cls, chain: Chain, deployer: LocalAccount, *, owners: Sequence[str], threshold: int,
+               epsilon_budget: float, kms_signer: str, require_tcb_up_to_date: bool = False) -> DstackApp:
+        args = ([to_checksum_address(o) for o in owners], threshold, to_micro_epsilon(epsilon_budget),
+                to_checksum_address(kms_signer), require_tcb_up_to_date)
+        return cls(chain, chain.deploy(cls.ARTIFACT, args, deployer))
+
+    @property
+    def app_id(self) -> bytes:
+        return bytes.fromhex(self.address[2:])
+
+    def _send(self, fn: Any, sender: LocalAccount) -> Any:
+        return self.chain.transact(self.ARTIFACT, fn, sender)
+
+    def _view(self, fn: Any) -> Any:
+        return self.chain.call(self.ARTIFACT, fn)
+
+    # --- the compose-hash lifecycle -------------------------------------------------------------------------
+
+    def propose(self, compose_hash: bytes | str, uri: str, sender: LocalAccount) -> Any:
+        return self._send(self.contract.functions.proposeComposeHash(_hash32(compose_hash), uri), sender)
+
+    def approve(self, compose_hash: bytes | str, owner: LocalAccount) -> Any:
+        return self._send(self.contract.functions.approveComposeHash(_hash32(compose_hash)), owner)
+
+    def sign_approval(self, compose_hash: bytes | str, owner: LocalAccount, deadline: int) -> bytes:
+        """An EIP-712 approval that anyone may relay. The digest is computed here, not asked of the node."""
+        typed = {
+            "types": {
+                "EIP712Domain": [{"name": "name", "type": "string"}, {"name": "version", "type": "string"},
+                                 {"name": "chainId", "type": "uint256"},
+                                 {"name": "verifyingContract", "type": "address"}],
+                "ApproveComposeHash": [{"name": "composeHash", "type": "bytes32"},
+                                       {"name": "deadline", "type": "uint256"}],
+            },
+            "primaryType": "ApproveComposeHash",
+            "domain": {"name": EIP712_DOMAIN_NAME, "version": EIP712_DOMAIN_VERSION,
+                       "chainId": self.chain.chain_id, "verifyingContract": self.address},
+            "message": {"composeHash": _hash32(compose_hash), "deadline": deadline},
+        }
+        return bytes(owner.sign_message(encode_typed_data(full_message=typed)).signature)
+
+    def approve_signed(self, compose_hash: bytes | str, owner: str, deadline: int, signature: bytes,
+                       relayer: LocalAccount) -> Any:
+        fn = self.contract.functions.approveComposeHashBySig(_hash32(compose_hash), to_checksum_address(owner),
+                                                             deadline, signature)
+        return self._send(fn, relayer)
+
+    def revoke(self, compose_hash: bytes | str, owner: LocalAccount) -> Any:
+        return self._send(self.contract.functions.revokeComposeHash(_hash32(compose_hash)), owner)
+
+    # --- reading state ----------------------------------------------------------------------------------------
+
+    def owners(self) -> tuple[str, ...]:
+        return tuple(self._view(self.contract.functions.owners()))
+
+    def threshold(self) -> int:
+        return self._view(self.contract.functions.threshold())
+
+    def kms_signer(self) -> str:
+        return self._view(self.contract.functions.kmsSigner())
+
+    def has_approved(self, compose_hash: bytes | str, owner: str) -> bool:
+        return self._view(self.contract.functions.hasApproved(_hash32(compose_hash), to_checksum_address(owner)))
+
+    def status(self, compose_hash: bytes | str) -> ComposeStatus:
+        h = _hash32(compose_hash)
+        proposed, allowed, revoked, approvals, uri = self._view(self.contract.functions.composeHashState(h))
+        return ComposeStatus(
+            compose_hash=h, proposed=proposed, allowed=allowed, revoked=revoked, approvals=approvals,
+            threshold=self.threshold(), owners=self.owners(),
+            approvers=tuple(self._view(self.contract.functions.approvers(h))), uri=uri,
+        )
+
+    def budget(self) -> BudgetStatus:
+        return BudgetStatus(budget_micro=self._view(self.contract.functions.epsilonBudget()),
+                            spent_micro=self._view(self.contract.functions.epsilonSpent()))
+
+    def is_app_allowed(self, boot_info: tuple) -> tuple[bool, str]:
+        allowed, reason = self._view(self.contract.functions.isAppAllowed(boot_info))
+        return allowed, reason
+
+    # --- the privacy budget -------------------------------------------------------------------------------------
+
+    def record_release(self, release_id: bytes, compose_hash: bytes | str, owners: Sequence[str], epsilon: float,
+                       kms_signer: LocalAccount) -> Any:
+        fn = self.contract.functions.recordRelease(release_id, _hash32(compose_hash),
+                                                   [to_checksum_address(o) for o in owners],
+                                                   to_micro_epsilon(epsilon))
+        return self._send(fn, kms_signer)
+
+
+class DstackKms:
+    """The KMS registry: the KMS root key auditors pin, allowed OS images, registered apps."""
+
+    ARTIFACT = "DstackKms"
+
+    def __init__(self, chain: Chain, address: str):
+        self.chain = chain
+        self.address = to_checksum_address(address)
+        self.contract = chain.w3.eth.contract(address=self.address, abi=load_artifact(self.ARTIFACT)["abi"])
+
+    @classmethod
+    def deploy(cls, chain: Chain, deployer: LocalAccount) -> DstackKms:
+        return cls(chain, chain.deploy(cls.ARTIFACT, [deployer.address], deployer))
+
+    def set_kms_root(self, k256_pubkey: bytes, operator: LocalAccount) -> Any:
+        info = (k256_pubkey, b"", b"", b"")
+        return self.chain.transact(self.ARTIFACT, self.contract.functions.setKmsInfo(info), operator)
+
+    def kms_root_pubkey(self) -> bytes:
+        k256_pubkey, _ca, _quote, _eventlog = self.chain.call(self.ARTIFACT, self.contract.functions.kmsInfo())
+        return bytes(k256_pubkey)
+
+    def register_app(self, app_id: str, sender: LocalAccount) -> Any:
+        return self.chain.transact(self.ARTIFACT, self.contract.functions.registerApp(app_id), sender)
+
+    def allow_os_image(self, os_image_hash: bytes, operator: LocalAccount) -> Any:
+        return self.chain.transact(self.ARTIFACT, self.contract.functions.addOsImageHash(os_image_hash), operator)
+
+    def is_app_allowed(self, boot_info: tuple) -> tuple[bool, str]:
+        allowed, reason = self.chain.call(self.ARTIFACT, self.contract.functions.isAppAllowed(boot_info))
+        return allowed, reason
+
+
+def new_account() -> LocalAccount:
+    return Account.create()

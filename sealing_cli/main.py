@@ -1,0 +1,269 @@
+"""The `seal` command.
+
+Exit codes (stable, documented in docs/cli.md):
+    0  success
+    1  refused: the contract, the KMS or a verifier said no (the `error:` line says why)
+    2  usage error (bad arguments)
+    3  the local stack or chain is not reachable
+    4  the owner key could not be loaded (keystore, password, environment)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, NoReturn, Optional
+
+import typer
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from rich.console import Console
+from rich.table import Table
+
+from contracts.chain import ChainError, ChainUnreachable, ComposeStatus, Chain, DstackApp
+from sealing_cli.stack import (
+    DEFAULT_OWNER_NAMES,
+    LocalStack,
+    StackDescription,
+    StackError,
+    default_state_dir,
+    read_keystore,
+)
+
+EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_KEY = 1, 2, 3, 4
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Sealroom: sealed datasets, k-of-n consent on-chain, attested DP studies.")
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def fail(message: str, code: int, hint: str | None = None) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    if hint:
+        err.print(f"[bold]hint:[/] {hint}", highlight=False)
+    raise typer.Exit(code)
+
+
+StateDir = Annotated[Optional[Path], typer.Option("--state-dir", help="Stack state folder (default: $SEALROOM_HOME or ./.sealroom)")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+OwnerOpt = Annotated[Optional[str], typer.Option("--owner", help="A dev owner of the local stack, by name or address")]
+KeystoreOpt = Annotated[Optional[Path], typer.Option("--keystore", help="An encrypted eth-account keystore (password from SEAL_KEYSTORE_PASSWORD)")]
+ComposeHashOpt = Annotated[str, typer.Option("--compose-hash", help="The compose hash (0x + 64 hex digits)")]
+
+
+def _stack(state_dir: Path | None) -> StackDescription:
+    try:
+        return StackDescription.load(state_dir)
+    except StackError as exc:
+        fail(str(exc), EXIT_UNREACHABLE, "run `seal up` in another terminal, or pass --state-dir")
+
+
+def _app(stack: StackDescription) -> DstackApp:
+    try:
+        return DstackApp(Chain(stack.rpc_url), stack.dstack_app)
+    except ChainUnreachable as exc:
+        fail(str(exc), EXIT_UNREACHABLE, "is `seal up` still running?")
+
+
+def _compose_hash(value: str) -> bytes:
+    raw = value.removeprefix("0x")
+    if len(raw) != 64:
+        fail(f"a compose hash is 32 bytes (64 hex digits), got {len(raw)} digits", EXIT_USAGE)
+    try:
+        return bytes.fromhex(raw)
+    except ValueError:
+        fail(f"compose hash is not hex: {value!r}", EXIT_USAGE)
+
+
+def _signer(stack: StackDescription | None, owner: str | None, keystore: Path | None) -> LocalAccount:
+    """The acting owner's key: --keystore, then --owner (dev stack), then SEAL_OWNER_KEY."""
+    chosen = [x for x in (owner, keystore) if x is not None]
+    if len(chosen) > 1:
+        fail("give either --owner or --keystore, not both", EXIT_USAGE)
+    try:
+        if keystore is not None:
+            password = os.environ.get("SEAL_KEYSTORE_PASSWORD")
+            if password is None:
+                password = typer.prompt("keystore password", hide_input=True)
+            return read_keystore(keystore, password)
+        if owner is not None:
+            if stack is None:
+                fail("--owner names a dev owner of the local stack, and no stack is running", EXIT_UNREACHABLE)
+            entry = stack.owner(owner)
+            return read_keystore(entry.keystore, stack.dev_keystore_password)
+        if key := os.environ.get("SEAL_OWNER_KEY"):
+            return Account.from_key(key)
+    except StackError as exc:
+        fail(str(exc), EXIT_KEY)
+    except (OSError, ValueError) as exc:
+        # eth-account raises ValueError("MAC mismatch") for a wrong password; never echo key material.
+        fail(f"could not load the owner key: {type(exc).__name__}: {exc}", EXIT_KEY,
+             "check the keystore path and SEAL_KEYSTORE_PASSWORD")
+    fail("no owner key given", EXIT_KEY, "use --owner NAME (local stack), --keystore PATH, or set SEAL_OWNER_KEY")
+
+
+def _refused(exc: ChainError) -> NoReturn:
+    if isinstance(exc, ChainUnreachable):
+        fail(str(exc), EXIT_UNREACHABLE, "is `seal up` still running?")
+    fail(str(exc), EXIT_REFUSED)
+
+
+def _print_status(status: ComposeStatus, names: dict[str, str]) -> None:
+    state = "REVOKED" if status.revoked else ("allowed" if status.allowed else
+                                              ("pending" if status.proposed else "not proposed"))
+    out.print(f"compose hash  0x{status.compose_hash.hex()}")
+    out.print(f"state         {state}  ({status.approvals}/{len(status.owners)} approvals, threshold {status.threshold})")
+    if status.uri:
+        out.print(f"uri           {status.uri}")
+    table = Table("owner", "address", "approved")
+    for address in status.owners:
+        table.add_row(names.get(address, ""), address, "yes" if address in status.approvers else "no")
+    out.print(table)
+
+
+@app.command()
+def up(
+    state_dir: StateDir = None,
+    owners: Annotated[int, typer.Option(help="Number of dev owners (named after the demo's five sites)")] = 5,
+    threshold: Annotated[Optional[int], typer.Option(help="Approvals needed (default: all owners)")] = None,
+    epsilon_budget: Annotated[float, typer.Option("--epsilon-budget", help="The study's total ε")] = 3.0,
+) -> None:
+    """Start the local stack (anvil + contracts) and keep it running until Ctrl-C."""
+    if not 1 <= owners <= len(DEFAULT_OWNER_NAMES):
+        fail(f"--owners must be between 1 and {len(DEFAULT_OWNER_NAMES)}", EXIT_USAGE)
+    directory = state_dir or default_state_dir()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `seal down`: unwind through the stack's clean-up
+    try:
+        with LocalStack(directory, owner_names=DEFAULT_OWNER_NAMES[:owners], threshold=threshold,
+                        epsilon_budget=epsilon_budget) as stack:
+            d = stack.description
+            out.print(f"[green]local stack up[/]  chain {d.chain_id} at {d.rpc_url}")
+            out.print(f"DstackKms {d.dstack_kms}   DstackApp (app_id) {d.dstack_app}   threshold {d.threshold}/{len(d.owners)}")
+            out.print(f"stack description: {directory / 'stack.json'}   (Ctrl-C or `seal down` stops everything)")
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    except (StackError, ChainError) as exc:
+        fail(str(exc), EXIT_UNREACHABLE)
+    out.print("local stack stopped")
+
+
+@app.command()
+def down(state_dir: StateDir = None) -> None:
+    """Stop a stack started by `seal up`."""
+    stack = _stack(state_dir)
+    try:
+        os.kill(stack.supervisor_pid, signal.SIGTERM)
+    except ProcessLookupError:
+        fail(f"no `seal up` process {stack.supervisor_pid}; the stack description is stale", EXIT_UNREACHABLE,
+             f"delete {(state_dir or default_state_dir()) / 'stack.json'}")
+    out.print("stopping the local stack")
+
+
+@app.command()
+def propose(
+    compose_hash: ComposeHashOpt,
+    uri: Annotated[str, typer.Option(help="Where app-compose.json can be read")] = "",
+    state_dir: StateDir = None, owner: OwnerOpt = None, keystore: KeystoreOpt = None, as_json: JsonFlag = False,
+) -> None:
+    """Propose a compose hash for approval (anyone may propose)."""
+    stack = _stack(state_dir)
+    signer = _signer(stack, owner, keystore)
+    h = _compose_hash(compose_hash)
+    try:
+        receipt = _app(stack).propose(h, uri, signer)
+    except ChainError as exc:
+        _refused(exc)
+    _done(as_json, "proposed", h, receipt)
+
+
+@app.command()
+def approve(
+    compose_hash: ComposeHashOpt,
+    state_dir: StateDir = None, owner: OwnerOpt = None, keystore: KeystoreOpt = None, as_json: JsonFlag = False,
+) -> None:
+    """Approve a compose hash as one of the study's owners."""
+    stack = _stack(state_dir)
+    signer = _signer(stack, owner, keystore)
+    h = _compose_hash(compose_hash)
+    try:
+        receipt = _app(stack).approve(h, signer)
+    except ChainError as exc:
+        _refused(exc)
+    _done(as_json, "approved", h, receipt, signer.address)
+
+
+@app.command()
+def revoke(
+    compose_hash: ComposeHashOpt,
+    state_dir: StateDir = None, owner: OwnerOpt = None, keystore: KeystoreOpt = None, as_json: JsonFlag = False,
+) -> None:
+    """Revoke a compose hash. Any single owner can; it is final."""
+    stack = _stack(state_dir)
+    signer = _signer(stack, owner, keystore)
+    h = _compose_hash(compose_hash)
+    try:
+        receipt = _app(stack).revoke(h, signer)
+    except ChainError as exc:
+        _refused(exc)
+    _done(as_json, "revoked", h, receipt, signer.address)
+
+
+def _done(as_json: bool, action: str, h: bytes, receipt: dict, by: str | None = None) -> None:
+    record = {"action": action, "compose_hash": "0x" + h.hex(), "tx": "0x" + receipt["transactionHash"].hex(),
+              "block": receipt["blockNumber"]}
+    if by:
+        record["by"] = by
+    if as_json:
+        out.print_json(json.dumps(record))
+    else:
+        who = f" by {by}" if by else ""
+        out.print(f"{action} 0x{h.hex()}{who}  (tx {record['tx']}, block {record['block']})")
+
+
+@app.command()
+def status(
+    compose_hash: Annotated[Optional[str], typer.Option("--compose-hash", help="Show one compose hash in detail")] = None,
+    state_dir: StateDir = None, as_json: JsonFlag = False,
+) -> None:
+    """Show the stack, the study's privacy budget and (with --compose-hash) approvals and revocation."""
+    stack = _stack(state_dir)
+    dstack_app = _app(stack)
+    try:
+        budget = dstack_app.budget()
+        detail = dstack_app.status(_compose_hash(compose_hash)) if compose_hash else None
+    except ChainError as exc:
+        _refused(exc)
+    if as_json:
+        record = {"chain_id": stack.chain_id, "rpc_url": stack.rpc_url, "dstack_kms": stack.dstack_kms,
+                  "dstack_app": stack.dstack_app, "threshold": stack.threshold, "owners": len(stack.owners),
+                  "budget": budget.to_json(), "services": stack.services}
+        if detail:
+            record["compose"] = detail.to_json()
+        out.print_json(json.dumps(record))
+        return
+    out.print(f"chain {stack.chain_id} at {stack.rpc_url}")
+    out.print(f"DstackKms {stack.dstack_kms}   DstackApp (app_id) {stack.dstack_app}")
+    b = budget.to_json()
+    out.print(f"privacy budget  ε spent {b['epsilon_spent']:g} of {b['epsilon_budget']:g}, "
+              f"{b['epsilon_remaining']:g} left")
+    if detail:
+        _print_status(detail, {o.address: o.name for o in stack.owners})
+
+
+@app.command()
+def demo(state_dir: StateDir = None) -> None:
+    """Run the demo study end to end on the embedded local stack."""
+    from sealing_cli.demo import run_demo
+
+    run_demo(state_dir or default_state_dir() / "demo")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

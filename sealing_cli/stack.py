@@ -1,0 +1,168 @@
+"""The local stack: a dev chain with the consortium's contracts, started and stopped by the project itself.
+
+`LocalStack` is what `seal up`, `seal demo` and the test fixtures share. It writes a stack description
+(`stack.json` in the state folder) where later `seal` commands find the chain, the contracts and the dev owners'
+keystores, and it stops every child process it started on exit, Ctrl-C or error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+
+from contracts.chain import Chain, DstackApp, DstackKms
+from contracts.devchain import ANVIL_FUNDER_KEY, Anvil
+
+DEFAULT_OWNER_NAMES = ("EU-West", "EU-North", "US-East", "APAC", "CH")
+STACK_FILE = "stack.json"
+# The dev owners' keystores are encrypted, but with this published password: they hold throwaway keys for a
+# throwaway local chain. Real owners use their own keystore and SEAL_KEYSTORE_PASSWORD (or SEAL_OWNER_KEY).
+DEV_KEYSTORE_PASSWORD = "sealroom-dev-only"
+
+
+class StackError(RuntimeError):
+    """The local stack is not running, or its description is unreadable."""
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("SEALROOM_HOME", ".sealroom")).resolve()
+
+
+@dataclass
+class OwnerEntry:
+    name: str
+    address: str
+    keystore: str
+
+
+@dataclass
+class StackDescription:
+    """What later commands need to find the running stack. Holds addresses and paths, never keys."""
+
+    rpc_url: str
+    chain_id: int
+    dstack_kms: str
+    dstack_app: str
+    threshold: int
+    epsilon_budget: float
+    owners: list[OwnerEntry]
+    kms_signer: str
+    kms_signer_keystore: str
+    dev_keystore_password: str = DEV_KEYSTORE_PASSWORD
+    supervisor_pid: int = 0
+    services: dict = field(default_factory=dict)
+
+    def save(self, state_dir: Path) -> Path:
+        path = state_dir / STACK_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, state_dir: Path | None = None) -> StackDescription:
+        path = (state_dir or default_state_dir()) / STACK_FILE
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise StackError(f"no local stack description at {path}; start one with `seal up`") from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StackError(f"unreadable stack description {path}: {exc}") from None
+        raw["owners"] = [OwnerEntry(**o) for o in raw["owners"]]
+        return cls(**raw)
+
+    def owner(self, name_or_address: str) -> OwnerEntry:
+        for entry in self.owners:
+            if name_or_address in (entry.name, entry.address) or name_or_address.lower() == entry.address.lower():
+                return entry
+        names = ", ".join(o.name for o in self.owners)
+        raise StackError(f"no dev owner named {name_or_address!r} in the local stack (owners: {names})")
+
+
+def write_keystore(account: LocalAccount, path: Path, password: str) -> None:
+    """An eth-account (Web3 Secret Storage) keystore: the key is encrypted, the file is 0600."""
+    keystore = Account.encrypt(account.key, password, kdf="pbkdf2", iterations=100_000)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(keystore, f)
+
+
+def read_keystore(path: Path | str, password: str) -> LocalAccount:
+    return Account.from_key(Account.decrypt(json.loads(Path(path).read_text()), password))
+
+
+class LocalStack:
+    """Start anvil, deploy DstackKms and one study's DstackApp for dev owners, and describe it all in stack.json."""
+
+    def __init__(self, state_dir: Path, *, owner_names: tuple[str, ...] = DEFAULT_OWNER_NAMES,
+                 threshold: int | None = None, epsilon_budget: float = 3.0):
+        self.state_dir = state_dir
+        self.owner_names = owner_names
+        self.threshold = threshold or len(owner_names)
+        self.epsilon_budget = epsilon_budget
+        self._exit = ExitStack()
+        self.description: StackDescription | None = None
+        self.chain: Chain | None = None
+
+    def __enter__(self) -> LocalStack:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if (self.state_dir / STACK_FILE).exists():
+            raise StackError(f"a stack description already exists in {self.state_dir}: is a stack running? "
+                             "(`seal down` stops it; delete the file if it is left over)")
+        keys_dir = self.state_dir / "keystores"
+        keys_dir.mkdir(exist_ok=True)
+        anvil = Anvil.start(log_path=self.state_dir / "anvil.log")
+        self._exit.callback(anvil.stop)
+        chain = Chain(anvil.rpc_url)
+        funder = Account.from_key(ANVIL_FUNDER_KEY)
+
+        owners, entries = [], []
+        for name in self.owner_names:
+            account = Account.create()
+            path = keys_dir / f"owner-{name}.json"
+            path.unlink(missing_ok=True)
+            write_keystore(account, path, DEV_KEYSTORE_PASSWORD)
+            chain.fund(funder, account.address, 10**20)
+            owners.append(account)
+            entries.append(OwnerEntry(name=name, address=account.address, keystore=str(path)))
+
+        kms_signer = Account.create()
+        kms_path = keys_dir / "kms-signer.json"
+        kms_path.unlink(missing_ok=True)
+        write_keystore(kms_signer, kms_path, DEV_KEYSTORE_PASSWORD)
+        chain.fund(funder, kms_signer.address, 10**20)
+
+        registry = DstackKms.deploy(chain, funder)
+        app = DstackApp.deploy(chain, funder, owners=[o.address for o in owners], threshold=self.threshold,
+                               epsilon_budget=self.epsilon_budget, kms_signer=kms_signer.address)
+        registry.register_app(app.address, funder)
+
+        self.chain = chain
+        self.description = StackDescription(
+            rpc_url=anvil.rpc_url, chain_id=chain.chain_id, dstack_kms=registry.address, dstack_app=app.address,
+            threshold=self.threshold, epsilon_budget=self.epsilon_budget, owners=entries,
+            kms_signer=kms_signer.address, kms_signer_keystore=str(kms_path), supervisor_pid=os.getpid(),
+            services={"anvil": {"pid": anvil.process.pid, "rpc_url": anvil.rpc_url}},
+        )
+        self.description.save(self.state_dir)
+        self._exit.callback((self.state_dir / STACK_FILE).unlink, missing_ok=True)
+
+    def stop(self) -> None:
+        self._exit.close()
