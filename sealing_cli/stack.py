@@ -17,7 +17,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from contracts.chain import Chain, DstackApp, DstackKms
-from contracts.devchain import ANVIL_FUNDER_KEY, Anvil
+from sealing_cli.devchain import ANVIL_FUNDER_KEY, Anvil
 
 DEFAULT_OWNER_NAMES = ("EU-West", "EU-North", "US-East", "APAC", "CH")
 STACK_FILE = "stack.json"
@@ -128,7 +128,7 @@ class LocalStack:
                              "(`seal down` stops it; delete the file if it is left over)")
         keys_dir = self.state_dir / "keystores"
         keys_dir.mkdir(exist_ok=True)
-        anvil = Anvil.start(log_path=self.state_dir / "anvil.log")
+        anvil = Anvil(log_path=self.state_dir / "anvil.log")
         self._exit.callback(anvil.stop)
         chain = Chain(anvil.rpc_url)
         funder = Account.from_key(ANVIL_FUNDER_KEY)

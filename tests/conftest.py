@@ -6,12 +6,12 @@ import pytest
 from eth_account import Account
 
 from contracts.chain import Chain, DstackApp, DstackKms
-from contracts.devchain import ANVIL_FUNDER_KEY, Anvil
+from sealing_cli.devchain import ANVIL_FUNDER_KEY, Anvil
 
 
 @pytest.fixture(scope="session")
 def anvil():
-    with Anvil.start() as node:
+    with Anvil() as node:
         yield node
 
 

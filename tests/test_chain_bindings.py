@@ -21,7 +21,7 @@ from contracts.chain import (
     SignatureExpired,
     UnknownComposeHash,
 )
-from contracts.devchain import free_loopback_port
+from sealing_cli.processes import free_loopback_port
 
 H = hashlib.sha256(b"app-compose.json of study A").digest()
 H2 = hashlib.sha256(b"app-compose.json of study B").digest()
