@@ -33,11 +33,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import eth_abi
+import httpx
 import requests
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak, to_checksum_address
+from eth_utils.abi import get_abi_output_types
 from web3 import HTTPProvider, Web3
 from web3.exceptions import ContractCustomError, ContractLogicError, Web3RPCError
 
@@ -193,10 +195,20 @@ class Chain:
     def __init__(self, rpc_url: str, *, timeout_s: float = 10.0):
         self.rpc_url = rpc_url
         self.w3 = Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": timeout_s}))
+        self._http = httpx.Client(timeout=timeout_s)
         try:
             self.chain_id = self.w3.eth.chain_id
         except (requests.RequestException, Web3RPCError, OSError) as exc:
             raise ChainUnreachable(rpc_url, type(exc).__name__) from None
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Chain:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def deploy(self, artifact: str, args: Sequence[Any], sender: LocalAccount) -> str:
         meta = load_artifact(artifact)
@@ -223,13 +235,25 @@ class Chain:
             raise ContractReverted("Revert", (), f"transaction {tx_hash.hex()} reverted")
         return receipt
 
-    def call(self, artifact: str, call: Any, **kwargs: Any) -> Any:
+    def view(self, artifact: str, contract: Any, name: str, *args: Any) -> Any:
+        """A read-only call: ABI-encoded here, one `eth_call` over a kept-alive connection, decoded here.
+
+        web3.py's own call path makes three JSON-RPC round trips per view; the KMS asks the chain on every
+        release, so this path matters (bench/kms_bench.py).
+        """
+        data = contract.encode_abi(name, args=list(args))
+        body = {"jsonrpc": "2.0", "id": 1, "method": "eth_call", "params": [{"to": contract.address, "data": data},
+                                                                             "latest"]}
         try:
-            return call.call(**kwargs)
-        except (ContractCustomError, ContractLogicError) as exc:
-            raise _decode_revert(artifact, exc.data, exc.message) from None
-        except (requests.RequestException, OSError) as exc:
+            reply = self._http.post(self.rpc_url, json=body).json()
+        except (httpx.TransportError, ValueError) as exc:
             raise ChainUnreachable(self.rpc_url, type(exc).__name__) from None
+        if "error" in reply:
+            error = reply["error"]
+            raise _decode_revert(artifact, error.get("data"), error.get("message"))
+        types = get_abi_output_types(contract.get_function_by_name(name).abi)
+        values = eth_abi.decode(types, bytes.fromhex(reply["result"][2:]))
+        return values[0] if len(values) == 1 else values
 
     def fund(self, funder: LocalAccount, to: str, wei: int) -> None:
         tx = {"to": to, "value": wei, "gas": 21000, "gasPrice": self.w3.eth.gas_price, "chainId": self.chain_id,
@@ -269,8 +293,8 @@ class DstackApp:
     def _send(self, fn: Any, sender: LocalAccount) -> Any:
         return self.chain.transact(self.ARTIFACT, fn, sender)
 
-    def _view(self, fn: Any) -> Any:
-        return self.chain.call(self.ARTIFACT, fn)
+    def _view(self, name: str, *args: Any) -> Any:
+        return self.chain.view(self.ARTIFACT, self.contract, name, *args)
 
     # --- the compose-hash lifecycle -------------------------------------------------------------------------
 
@@ -309,32 +333,32 @@ class DstackApp:
     # --- reading state ----------------------------------------------------------------------------------------
 
     def owners(self) -> tuple[str, ...]:
-        return tuple(self._view(self.contract.functions.owners()))
+        return tuple(map(to_checksum_address, self._view("owners")))
 
     def threshold(self) -> int:
-        return self._view(self.contract.functions.threshold())
+        return self._view("threshold")
 
     def kms_signer(self) -> str:
-        return self._view(self.contract.functions.kmsSigner())
+        return to_checksum_address(self._view("kmsSigner"))
 
     def has_approved(self, compose_hash: bytes | str, owner: str) -> bool:
-        return self._view(self.contract.functions.hasApproved(_hash32(compose_hash), to_checksum_address(owner)))
+        return self._view("hasApproved", _hash32(compose_hash), to_checksum_address(owner))
 
     def status(self, compose_hash: bytes | str) -> ComposeStatus:
         h = _hash32(compose_hash)
-        proposed, allowed, revoked, approvals, uri = self._view(self.contract.functions.composeHashState(h))
+        proposed, allowed, revoked, approvals, uri = self._view("composeHashState", h)
         return ComposeStatus(
             compose_hash=h, proposed=proposed, allowed=allowed, revoked=revoked, approvals=approvals,
             threshold=self.threshold(), owners=self.owners(),
-            approvers=tuple(self._view(self.contract.functions.approvers(h))), uri=uri,
+            approvers=tuple(map(to_checksum_address, self._view("approvers", h))), uri=uri,
         )
 
     def budget(self) -> BudgetStatus:
-        return BudgetStatus(budget_micro=self._view(self.contract.functions.epsilonBudget()),
-                            spent_micro=self._view(self.contract.functions.epsilonSpent()))
+        return BudgetStatus(budget_micro=self._view("epsilonBudget"),
+                            spent_micro=self._view("epsilonSpent"))
 
     def is_app_allowed(self, boot_info: tuple) -> tuple[bool, str]:
-        allowed, reason = self._view(self.contract.functions.isAppAllowed(boot_info))
+        allowed, reason = self._view("isAppAllowed", boot_info)
         return allowed, reason
 
     # --- the privacy budget -------------------------------------------------------------------------------------
@@ -366,7 +390,7 @@ class DstackKms:
         return self.chain.transact(self.ARTIFACT, self.contract.functions.setKmsInfo(info), operator)
 
     def kms_root_pubkey(self) -> bytes:
-        k256_pubkey, _ca, _quote, _eventlog = self.chain.call(self.ARTIFACT, self.contract.functions.kmsInfo())
+        k256_pubkey, _ca, _quote, _eventlog = self.chain.view(self.ARTIFACT, self.contract, "kmsInfo")
         return bytes(k256_pubkey)
 
     def register_app(self, app_id: str, sender: LocalAccount) -> Any:
@@ -376,7 +400,7 @@ class DstackKms:
         return self.chain.transact(self.ARTIFACT, self.contract.functions.addOsImageHash(os_image_hash), operator)
 
     def is_app_allowed(self, boot_info: tuple) -> tuple[bool, str]:
-        allowed, reason = self.chain.call(self.ARTIFACT, self.contract.functions.isAppAllowed(boot_info))
+        allowed, reason = self.chain.view(self.ARTIFACT, self.contract, "isAppAllowed", boot_info)
         return allowed, reason
 
 

@@ -16,7 +16,8 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from contextlib import contextmanager
+from typing import Annotated, Iterator, NoReturn, Optional
 
 import typer
 from eth_account import Account
@@ -24,7 +25,12 @@ from eth_account.signers.local import LocalAccount
 from rich.console import Console
 from rich.table import Table
 
-from contracts.chain import ChainError, ChainUnreachable, ComposeStatus, Chain, DstackApp
+from contracts.chain import Chain, ChainError, ChainUnreachable, ComposeStatus, DstackApp, DstackKms
+from eth_keys import keys as eth_keys
+from eth_utils import is_address, to_checksum_address
+from kms_client.client import KmsClient, KmsError, KmsUnreachable
+from rich.progress import Progress
+from sealing_cli._sealed_file import SealedFileError, read_envelope, seal_file
 from sealing_cli.stack import (
     DEFAULT_OWNER_NAMES,
     LocalStack,
@@ -63,11 +69,20 @@ def _stack(state_dir: Path | None) -> StackDescription:
         fail(str(exc), EXIT_UNREACHABLE, "run `seal up` in another terminal, or pass --state-dir")
 
 
-def _app(stack: StackDescription) -> DstackApp:
+@contextmanager
+def _chain(stack: StackDescription) -> Iterator[Chain]:
     try:
-        return DstackApp(Chain(stack.rpc_url), stack.dstack_app)
+        chain = Chain(stack.rpc_url)
     except ChainUnreachable as exc:
         fail(str(exc), EXIT_UNREACHABLE, "is `seal up` still running?")
+    with chain:
+        yield chain
+
+
+@contextmanager
+def _app(stack: StackDescription) -> Iterator[DstackApp]:
+    with _chain(stack) as chain:
+        yield DstackApp(chain, stack.dstack_app)
 
 
 def _compose_hash(value: str) -> bytes:
@@ -177,7 +192,8 @@ def propose(
     signer = _signer(stack, owner, keystore)
     h = _compose_hash(compose_hash)
     try:
-        receipt = _app(stack).propose(h, uri, signer)
+        with _app(stack) as study:
+            receipt = study.propose(h, uri, signer)
     except ChainError as exc:
         _refused(exc)
     _done(as_json, "proposed", h, receipt)
@@ -193,7 +209,8 @@ def approve(
     signer = _signer(stack, owner, keystore)
     h = _compose_hash(compose_hash)
     try:
-        receipt = _app(stack).approve(h, signer)
+        with _app(stack) as study:
+            receipt = study.approve(h, signer)
     except ChainError as exc:
         _refused(exc)
     _done(as_json, "approved", h, receipt, signer.address)
@@ -209,7 +226,8 @@ def revoke(
     signer = _signer(stack, owner, keystore)
     h = _compose_hash(compose_hash)
     try:
-        receipt = _app(stack).revoke(h, signer)
+        with _app(stack) as study:
+            receipt = study.revoke(h, signer)
     except ChainError as exc:
         _refused(exc)
     _done(as_json, "revoked", h, receipt, signer.address)
@@ -234,10 +252,11 @@ def status(
 ) -> None:
     """Show the stack, the study's privacy budget and (with --compose-hash) approvals and revocation."""
     stack = _stack(state_dir)
-    dstack_app = _app(stack)
+    h = _compose_hash(compose_hash) if compose_hash else None
     try:
-        budget = dstack_app.budget()
-        detail = dstack_app.status(_compose_hash(compose_hash)) if compose_hash else None
+        with _app(stack) as study:
+            budget = study.budget()
+            detail = study.status(h) if h else None
     except ChainError as exc:
         _refused(exc)
     if as_json:
@@ -250,11 +269,106 @@ def status(
         return
     out.print(f"chain {stack.chain_id} at {stack.rpc_url}")
     out.print(f"DstackKms {stack.dstack_kms}   DstackApp (app_id) {stack.dstack_app}")
+    for name, service in stack.services.items():
+        where = service.get("url") or service.get("rpc_url") or service.get("endpoint", "")
+        notes = "  ".join(f"{k}={v}" for k, v in service.items() if k not in ("url", "rpc_url", "endpoint", "pid"))
+        out.print(f"service {name:<6} {where}  pid {service.get('pid')}  {notes}")
     b = budget.to_json()
     out.print(f"privacy budget  ε spent {b['epsilon_spent']:g} of {b['epsilon_budget']:g}, "
               f"{b['epsilon_remaining']:g} left")
     if detail:
         _print_status(detail, {o.address: o.name for o in stack.owners})
+
+
+def _pinned_kms_root(stack: StackDescription | None, kms_root: str | None) -> str:
+    """The KMS root address the owner trusts: given explicitly, else the one registered in DstackKms."""
+    if kms_root:
+        return kms_root
+    if stack is None:
+        fail("no KMS root to pin", EXIT_USAGE, "pass --kms-root ADDRESS, or run against a local stack")
+    try:
+        with _chain(stack) as chain:
+            registered = DstackKms(chain, stack.dstack_kms).kms_root_pubkey()
+    except ChainError as exc:
+        _refused(exc)
+    if not registered:
+        fail("no KMS root is registered in DstackKms", EXIT_REFUSED)
+    return eth_keys.PublicKey.from_compressed_bytes(registered).to_checksum_address()
+
+
+@app.command()
+def dataset(
+    input_file: Annotated[Path, typer.Argument(metavar="INPUT", help="CSV or Parquet file to seal", exists=True,
+                                               dir_okay=False, readable=True)],
+    app_id: Annotated[str, typer.Option("--app-id", help="The study's DstackApp address (app_id)")],
+    compose_hash: ComposeHashOpt,
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="Output file (default: INPUT.sealed)")] = None,
+    kms_url: Annotated[Optional[str], typer.Option("--kms-url", help="KMS URL (default: the local stack's)")] = None,
+    kms_root: Annotated[Optional[str], typer.Option("--kms-root", help="KMS root address to pin "
+                                                    "(default: the one registered in DstackKms)")] = None,
+    state_dir: StateDir = None, owner: OwnerOpt = None, keystore: KeystoreOpt = None, as_json: JsonFlag = False,
+) -> None:
+    """Seal a dataset for one recipe: only a CVM measured as that compose hash can ever open it."""
+    stack = None if (kms_url and kms_root and owner is None) else _stack(state_dir)
+    signer = _signer(stack, owner, keystore)
+    h = _compose_hash(compose_hash)
+    if not is_address(app_id):
+        fail(f"--app-id must be a 0x address (the DstackApp contract), got {app_id!r}", EXIT_USAGE)
+    root = _pinned_kms_root(stack, kms_root)
+    url = kms_url or stack.services["kms"]["url"]
+    try:
+        with KmsClient(url) as kms:
+            seal_pubkey = kms.owner_seal_key(app_id, h, signer.address, pinned_root_address=root)
+    except KmsError as exc:
+        fail(str(exc), EXIT_UNREACHABLE if isinstance(exc, KmsUnreachable) else EXIT_REFUSED)
+    out_path = out_file or input_file.with_name(input_file.name + ".sealed")
+    total = input_file.stat().st_size
+    try:
+        with Progress(console=err, transient=True, disable=not err.is_terminal or as_json) as bar:
+            task = bar.add_task(f"sealing {input_file.name}", total=total)
+            summary = seal_file(input_file, out_path, app_id=bytes.fromhex(app_id[2:]), compose_hash=h,
+                                owner_key=eth_keys.PrivateKey(signer.key), owner_seal_pubkey=seal_pubkey,
+                                kms_root_address=root, progress=lambda n: bar.advance(task, n))
+    except (ValueError, SealedFileError) as exc:
+        fail(str(exc), EXIT_REFUSED)
+    record = {"out": str(summary.out_path), "rows": summary.rows, "bytes": summary.plaintext_bytes,
+              "ciphertext_sha256": summary.ciphertext_sha256.hex(), "envelope_digest": summary.envelope_digest.hex(),
+              "owner": signer.address, "app_id": to_checksum_address(app_id), "compose_hash": h.hex(),
+              "kms_root": root}
+    if as_json:
+        out.print_json(json.dumps(record))
+    else:
+        out.print(f"sealed {input_file} -> {summary.out_path}  ({summary.rows} rows, {summary.plaintext_bytes} bytes)")
+        out.print(f"ciphertext sha256 {record['ciphertext_sha256']}\nenvelope digest   {record['envelope_digest']}")
+
+
+@app.command()
+def inspect(
+    sealed_file: Annotated[Path, typer.Argument(metavar="FILE", exists=True, dir_okay=False, readable=True)],
+    as_json: JsonFlag = False,
+) -> None:
+    """Print a sealed file's envelope and check the owner's signature. Needs no key."""
+    try:
+        envelope = read_envelope(sealed_file)
+    except SealedFileError as exc:
+        fail(f"{sealed_file}: {exc}", EXIT_REFUSED)
+    h = envelope.header
+    record = {
+        "format": "sealroom.sealed/v1", "owner": to_checksum_address(h.owner), "signature": "valid",
+        "app_id": to_checksum_address(h.app_id), "compose_hash": h.compose_hash.hex(),
+        "kms_root": to_checksum_address(h.kms_root), "source_format": h.source_format,
+        "schema": [{"name": f.name, "type": f.type} for f in h.schema], "rows": envelope.rows,
+        "plaintext_bytes": h.plaintext_bytes, "chunk_size": h.chunk_size, "chunk_count": h.chunk_count,
+        "ciphertext_sha256": envelope.ciphertext_sha256.hex(), "envelope_digest": envelope.digest.hex(),
+        "created_at": h.created_at.isoformat(),
+    }
+    if as_json:
+        out.print_json(json.dumps(record))
+        return
+    for key, value in record.items():
+        if key == "schema":
+            value = ", ".join(f"{f['name']}:{f['type']}" for f in value)
+        out.print(f"{key:<18} {value}")
 
 
 @app.command()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import sys
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +19,11 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from contracts.chain import Chain, DstackApp, DstackKms
+from cvm.sim_tdx import SIMULATED_OS_IMAGE_HASH, SimulatedTdx
+from kms_client import wire
+from kms_client.client import KmsClient, KmsError
 from sealing_cli.devchain import ANVIL_FUNDER_KEY, Anvil
+from sealing_cli.processes import ManagedProcess, free_loopback_port
 
 DEFAULT_OWNER_NAMES = ("EU-West", "EU-North", "US-East", "APAC", "CH")
 STACK_FILE = "stack.json"
@@ -107,6 +113,8 @@ class LocalStack:
         self.threshold = threshold or len(owner_names)
         self.epsilon_budget = epsilon_budget
         self._exit = ExitStack()
+        # Encrypts the KMS root at rest; lives only in this process, handed to the KMS through its environment.
+        self._kms_passphrase = secrets.token_hex(32)
         self.description: StackDescription | None = None
         self.chain: Chain | None = None
 
@@ -131,6 +139,7 @@ class LocalStack:
         anvil = Anvil(log_path=self.state_dir / "anvil.log")
         self._exit.callback(anvil.stop)
         chain = Chain(anvil.rpc_url)
+        self._exit.callback(chain.close)
         funder = Account.from_key(ANVIL_FUNDER_KEY)
 
         owners, entries = [], []
@@ -155,14 +164,62 @@ class LocalStack:
         registry.register_app(app.address, funder)
 
         self.chain = chain
+        self.registry = registry
+        self._kms_args = (anvil.rpc_url, registry.address, kms_path)
+        kms_url, kms_meta = self._start_kms()
+        # The operator registers the KMS root auditors pin, and the (simulated) OS image it accepts.
+        registry.set_kms_root(bytes.fromhex(kms_meta.k256_pubkey), funder)
+        registry.allow_os_image(SIMULATED_OS_IMAGE_HASH, funder)
         self.description = StackDescription(
             rpc_url=anvil.rpc_url, chain_id=chain.chain_id, dstack_kms=registry.address, dstack_app=app.address,
             threshold=self.threshold, epsilon_budget=self.epsilon_budget, owners=entries,
             kms_signer=kms_signer.address, kms_signer_keystore=str(kms_path), supervisor_pid=os.getpid(),
-            services={"anvil": {"pid": anvil.process.pid, "rpc_url": anvil.rpc_url}},
+            services={
+                "anvil": {"pid": anvil.pid, "rpc_url": anvil.rpc_url},
+                "kms": {"pid": self._kms.pid, "url": kms_url, "root_address": kms_meta.root_address,
+                        "dev_mode": kms_meta.is_dev, "accepts": "SIMULATED TDX quotes (dev mode)"},
+            },
         )
         self.description.save(self.state_dir)
         self._exit.callback((self.state_dir / STACK_FILE).unlink, missing_ok=True)
+
+    def _start_kms(self) -> tuple[str, wire.Meta]:
+        """Start the KMS in dev mode (it accepts SIMULATED quotes from this stack's simulated TDX root)."""
+        rpc_url, registry_address, signer_keystore = self._kms_args
+        sim_dir = self.state_dir / "simulated-tdx"
+        root_der = sim_dir / "root.der"
+        if not root_der.exists():
+            root_der.write_bytes(SimulatedTdx.load_or_create(sim_dir).root_der)
+        url = f"http://127.0.0.1:{free_loopback_port()}"
+        client = KmsClient(url, timeout_s=1.0)
+        self._exit.callback(client.close)
+
+        def answers() -> bool:
+            try:
+                client.meta()
+            except KmsError:
+                return False
+            return True
+
+        self._kms = ManagedProcess(
+            "kms",
+            [sys.executable, "-m", "kms", "--state-dir", str(self.state_dir / "kms"), "--rpc-url", rpc_url,
+             "--dstack-kms", registry_address, "--port", url.rsplit(":", 1)[1], "--signer-keystore",
+             str(signer_keystore), "--dev", "--simulated-root", str(root_der)],
+            ready=answers, log_path=self.state_dir / "kms.log",
+            env={"SEALROOM_KMS_PASSPHRASE": self._kms_passphrase,
+                 "SEALROOM_KMS_SIGNER_PASSWORD": DEV_KEYSTORE_PASSWORD},
+        )
+        self._exit.callback(lambda: self._kms.stop())
+        return url, client.meta()
+
+    def restart_kms(self) -> wire.Meta:
+        """Stop the KMS and start it again on the same state folder (its root keys survive, encrypted at rest)."""
+        self._kms.stop()
+        url, meta = self._start_kms()
+        self.description.services["kms"].update(pid=self._kms.pid, url=url)
+        self.description.save(self.state_dir)
+        return meta
 
     def stop(self) -> None:
         self._exit.close()

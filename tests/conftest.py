@@ -16,8 +16,9 @@ def anvil():
 
 
 @pytest.fixture(scope="session")
-def chain(anvil) -> Chain:
-    return Chain(anvil.rpc_url)
+def chain(anvil):
+    with Chain(anvil.rpc_url) as connection:
+        yield connection
 
 
 @pytest.fixture(scope="session")

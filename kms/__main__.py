@@ -1,0 +1,56 @@
+"""`python -m kms`: run the KMS service on loopback (see kms.server)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import uvicorn
+from eth_account import Account
+
+from contracts.chain import Chain, ChainError, DstackKms
+from kms.root_store import RootStoreError, load_or_create_root
+from kms.server import create_app
+from kms.service import KeyManagementService
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m kms", description=__doc__)
+    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--rpc-url", required=True)
+    parser.add_argument("--dstack-kms", required=True, help="DstackKms contract address")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--signer-keystore", type=Path, help="keystore of the account that records budget spends")
+    parser.add_argument("--dev", action="store_true", help="accept SIMULATED quotes (never in production)")
+    parser.add_argument("--simulated-root", type=Path, help="DER of the simulated TDX root to pin (dev mode)")
+    args = parser.parse_args(argv)
+
+    passphrase = os.environ.get("SEALROOM_KMS_PASSPHRASE")
+    if not passphrase:
+        sys.exit("kms: error: set SEALROOM_KMS_PASSPHRASE (it encrypts the root keys at rest)")
+    try:
+        root = load_or_create_root(args.state_dir, passphrase.encode())
+        chain = Chain(args.rpc_url)
+    except (RootStoreError, ChainError) as exc:
+        sys.exit(f"kms: error: {exc}")
+    signer = None
+    if args.signer_keystore:
+        password = os.environ.get("SEALROOM_KMS_SIGNER_PASSWORD", "")
+        try:
+            signer = Account.from_key(Account.decrypt(json.loads(args.signer_keystore.read_text()), password))
+        except (OSError, ValueError) as exc:
+            sys.exit(f"kms: error: cannot open the signer keystore: {type(exc).__name__}")
+    if args.dev and not args.simulated_root:
+        sys.exit("kms: error: --dev needs --simulated-root (the simulated TDX root to pin)")
+    service = KeyManagementService(
+        root=root, chain=chain, registry=DstackKms(chain, args.dstack_kms), dev_mode=args.dev,
+        simulated_root_der=args.simulated_root.read_bytes() if args.simulated_root else None, signer=signer,
+    )
+    uvicorn.run(create_app(service), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""The KMS: releases keys only to CVMs whose attested recipe the chain allows.
+
+Protocol logic lives in `KeyManagementService`, independent of HTTP; `kms.server` puts it behind FastAPI.
+
+What the KMS trusts, and in what order (DESIGN §3):
+1. a nonce it issued itself, unused and unexpired (single use: taken before anything else is checked);
+2. a quote that verifies — real (dcap-qvl + collateral) or, only in dev mode, SIMULATED — whose report_data binds
+   that nonce and the caller's ephemeral X25519 key;
+3. app_id and compose_hash read from the replayed event log, never from the request body;
+4. the chain: DstackKms.isAppAllowed → DstackApp.isAppAllowed, and for owner keys each owner's own approval
+   (`hasApproved`) and the study's privacy budget, which is spent on-chain before any key leaves.
+
+A refusal raises `Refused(code, message)`; `code` is one of `kms_client.wire.RefusalCode`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from eth_account.signers.local import LocalAccount
+from eth_utils import to_checksum_address
+
+from compose.app_compose import compose_hash as hash_app_compose
+from compose.app_compose import manifest_from_app_compose
+from contracts.chain import (
+    BudgetExceeded,
+    Chain,
+    ChainError,
+    ComposeHashIsRevoked,
+    ComposeHashNotAllowed,
+    DstackApp,
+    DstackKms,
+    OwnerDidNotApprove,
+)
+from cvm.attestation import AttestationError, SimulatedQuoteNotAllowed, VerifiedBoot, verify_attestation
+from kms.keys import (
+    RootKeys,
+    derive_app_key,
+    derive_owner_seal_key,
+    k256_public_key_compressed,
+    sign_app_key,
+    sign_owner_seal_pubkey,
+)
+from kms_client import wire
+from kms_client.box import attestation_report_data, raw_public, seal_answer
+
+NONCE_TTL_S = 60
+
+
+class Refused(Exception):
+    def __init__(self, code: wire.RefusalCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+# The chain's reasons (DstackKms / DstackApp `isAppAllowed`) and what they mean for a caller.
+_CHAIN_REASON_CODES: dict[str, wire.RefusalCode] = {
+    "Compose hash revoked": "revoked",
+    "Compose hash not allowed": "not_approved",
+    "App not registered": "unknown_app",
+    "OS image is not allowed": "unknown_app",
+}
+
+
+@dataclass(frozen=True)
+class AttestedCaller:
+    app_id: bytes
+    compose_hash: bytes
+    simulated: bool
+    cvm_pub: bytes
+    nonce: bytes
+
+
+class NonceBook:
+    """Nonces the KMS issued: each one answers once, and only before it expires."""
+
+    def __init__(self, ttl_s: int = NONCE_TTL_S, rng: Callable[[int], bytes] = os.urandom):
+        self.ttl_s = ttl_s
+        self._rng = rng
+        self._expiry: dict[bytes, float] = {}
+        self._lock = threading.Lock()
+
+    def issue(self, now: float) -> tuple[bytes, int]:
+        nonce = self._rng(32)
+        with self._lock:
+            self._expiry = {n: t for n, t in self._expiry.items() if t > now}
+            self._expiry[nonce] = now + self.ttl_s
+        return nonce, int(now + self.ttl_s)
+
+    def take(self, nonce: bytes, now: float) -> None:
+        with self._lock:
+            expiry = self._expiry.pop(nonce, None)
+        if expiry is None:
+            raise Refused("stale_nonce", "unknown or already used nonce: ask GetNonce for a fresh one")
+        if expiry <= now:
+            raise Refused("stale_nonce", "the nonce expired: ask GetNonce for a fresh one")
+
+
+class KeyManagementService:
+    def __init__(self, *, root: RootKeys, chain: Chain, registry: DstackKms, dev_mode: bool,
+                 simulated_root_der: bytes | None, signer: LocalAccount | None,
+                 clock: Callable[[], float] = time.time, rng: Callable[[int], bytes] = os.urandom):
+        if dev_mode and simulated_root_der is None:
+            raise ValueError("dev mode needs the simulated TDX root to pin")
+        self.root = root
+        self.chain = chain
+        self.registry = registry
+        self.dev_mode = dev_mode
+        self.simulated_root_der = simulated_root_der
+        self.signer = signer
+        self.clock = clock
+        self.rng = rng
+        self.nonces = NonceBook(rng=rng)
+        self._release_lock = threading.Lock()
+
+    # --- public, unauthenticated ------------------------------------------------------------------------
+
+    def meta(self) -> wire.Meta:
+        return wire.Meta(
+            k256_pubkey=self.root.root_public_key_compressed.hex(), root_address=self.root.root_address,
+            chain_id=self.chain.chain_id, kms_contract_address=self.registry.address, is_dev=self.dev_mode,
+            simulated_tdx_root_sha256=(hashlib.sha256(self.simulated_root_der).hexdigest()
+                                       if self.dev_mode else None),
+        )
+
+    def issue_nonce(self) -> wire.Nonce:
+        nonce, expires_at = self.nonces.issue(self.clock())
+        return wire.Nonce(nonce=nonce.hex(), expires_at=expires_at)
+
+    def owner_seal_key(self, request: wire.OwnerSealKeyRequest) -> wire.OwnerSealKey:
+        app_id, h, owner = _address(request.app_id), _hex32(request.compose_hash), _address(request.owner)
+        public = raw_public(derive_owner_seal_key(self.root, app_id, h, owner))
+        timestamp = int(self.clock())
+        signature = sign_owner_seal_pubkey(self.root, app_id, h, owner, public, timestamp)
+        return wire.OwnerSealKey(app_id=request.app_id, compose_hash=request.compose_hash, owner=request.owner,
+                                 public_key=public.hex(), timestamp=timestamp, signature=signature.hex())
+
+    # --- attested -----------------------------------------------------------------------------------------
+
+    def get_app_key(self, attestation: wire.Attestation) -> wire.AppKeyResponse:
+        caller = self._attest(attestation)
+        app_key = derive_app_key(self.root, caller.app_id)
+        signature = sign_app_key(self.root, caller.app_id, k256_public_key_compressed(app_key))
+        answer = json.dumps({"k256_key": app_key.hex(), "k256_signature": signature.hex()}).encode()
+        box = seal_answer(answer, nonce=caller.nonce, cvm_pub=caller.cvm_pub, rng=self.rng)
+        return wire.AppKeyResponse(box=wire.SealedBox(**box.to_wire()), simulated=caller.simulated)
+
+    def release_owner_keys(self, request: wire.OwnerKeysRequest) -> wire.OwnerKeysResponse:
+        if self.signer is None:
+            raise Refused("bad_request", "this KMS has no signer for on-chain budget spends")
+        caller = self._attest(request.attestation)
+        app_compose = request.app_compose.encode()
+        if hash_app_compose(app_compose) != caller.compose_hash:
+            raise Refused("bad_request", "app_compose does not hash to the attested compose hash")
+        manifest = manifest_from_app_compose(app_compose)
+        owners = sorted({to_checksum_address(i.owner) for i in manifest.inputs})
+        if not owners:
+            raise Refused("bad_request", "the study manifest names no input owners")
+        app = DstackApp(self.chain, to_checksum_address(caller.app_id))
+        release_id = hashlib.sha256(b"sealroom-release/v1:" + caller.nonce + caller.compose_hash).digest()
+        # One release at a time: the budget check and its on-chain spend must not interleave.
+        with self._release_lock:
+            for owner in owners:
+                if not app.has_approved(caller.compose_hash, owner):
+                    raise Refused("owner_not_consenting", f"owner {owner} did not approve this compose hash")
+            try:
+                receipt = app.record_release(release_id, caller.compose_hash, owners, manifest.epsilon, self.signer)
+            except BudgetExceeded as exc:
+                raise Refused("budget_exhausted", str(exc)) from None
+            except ComposeHashIsRevoked as exc:
+                raise Refused("revoked", str(exc)) from None
+            except ComposeHashNotAllowed as exc:
+                raise Refused("not_approved", str(exc)) from None
+            except OwnerDidNotApprove as exc:
+                raise Refused("owner_not_consenting", str(exc)) from None
+            budget = app.budget().to_json()
+        keys = {owner: derive_owner_seal_key(self.root, caller.app_id, caller.compose_hash, _address(owner))
+                .private_bytes_raw().hex() for owner in owners}
+        box = seal_answer(json.dumps(keys).encode(), nonce=caller.nonce, cvm_pub=caller.cvm_pub, rng=self.rng)
+        return wire.OwnerKeysResponse(
+            box=wire.SealedBox(**box.to_wire()), release_id=release_id.hex(),
+            release_tx=receipt["transactionHash"].hex(), epsilon_spent=budget["epsilon_spent"],
+            epsilon_remaining=budget["epsilon_remaining"], simulated=caller.simulated,
+        )
+
+    def _attest(self, attestation: wire.Attestation) -> AttestedCaller:
+        try:
+            nonce = bytes.fromhex(attestation.nonce)
+            cvm_pub = bytes.fromhex(attestation.ephemeral_pubkey)
+            quote = bytes.fromhex(attestation.quote)
+        except ValueError:
+            raise Refused("bad_request", "nonce, ephemeral_pubkey and quote must be hex") from None
+        if len(cvm_pub) != 32:
+            raise Refused("bad_request", "ephemeral_pubkey must be a 32-byte X25519 key")
+        now = self.clock()
+        self.nonces.take(nonce, now)
+        try:
+            verified = verify_attestation(
+                quote, attestation.event_log, expected_report_data=attestation_report_data(nonce, cvm_pub),
+                collateral=attestation.collateral, now=int(now), allow_simulated=self.dev_mode,
+                simulated_root_der=self.simulated_root_der,
+            )
+        except SimulatedQuoteNotAllowed as exc:
+            raise Refused("simulated_quote_refused", f"{exc} (this KMS is not in dev mode)") from None
+        except AttestationError as exc:
+            raise Refused("bad_quote", str(exc)) from None
+        try:
+            allowed, reason = self.registry.is_app_allowed(_boot_info(verified))
+        except ChainError as exc:
+            raise Refused("bad_request", f"could not ask the chain: {exc}") from None
+        if not allowed:
+            raise Refused(_CHAIN_REASON_CODES.get(reason, "not_approved"), f"the chain refused: {reason}")
+        return AttestedCaller(app_id=verified.app_id, compose_hash=verified.compose_hash,
+                              simulated=verified.simulated, cvm_pub=cvm_pub, nonce=nonce)
+
+
+def _boot_info(verified: VerifiedBoot) -> tuple:
+    """dstack's AppBootInfo, in the contract's field order, from verified measurements only."""
+    zero20, zero32 = b"\0" * 20, b"\0" * 32
+    return (to_checksum_address(verified.app_id), verified.compose_hash,
+            to_checksum_address(verified.instance_id or zero20), verified.device_id, verified.mr_aggregated,
+            verified.mr_system, verified.os_image_hash or zero32, verified.tcb_status, list(verified.advisory_ids))
+
+
+def _hex32(value: str) -> bytes:
+    try:
+        raw = bytes.fromhex(value.removeprefix("0x"))
+    except ValueError:
+        raise Refused("bad_request", f"not hex: {value!r}") from None
+    if len(raw) != 32:
+        raise Refused("bad_request", "a compose hash is 32 bytes")
+    return raw
+
+
+def _address(value: str) -> bytes:
+    try:
+        raw = bytes.fromhex(value.removeprefix("0x"))
+    except ValueError:
+        raise Refused("bad_request", f"not an address: {value!r}") from None
+    if len(raw) != 20:
+        raise Refused("bad_request", f"an address is 20 bytes: {value!r}")
+    return raw
+

@@ -1,0 +1,173 @@
+"""The client side of the KMS protocol.
+
+Owners fetch (and verify) their sealing public key; CVMs attest and receive their app key or the owners' unwrap
+keys, encrypted to an ephemeral key bound into their quote.
+
+Exception tree::
+
+    KmsError
+    ├── KmsUnreachable         the KMS did not answer
+    ├── KmsRefused             the KMS said no; `.code` is its RefusalCode, the message says why
+    └── KmsAnswerInvalid       the answer did not verify (bad signature, wrong root, undecryptable box)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from eth_keys import keys as eth_keys
+from eth_keys.exceptions import BadSignature
+from eth_keys.exceptions import ValidationError as EthKeysValidationError
+from eth_utils import to_checksum_address
+from pydantic import BaseModel, ValidationError
+
+from kms_client import wire
+from kms_client.box import BoxOpenFailed, SealedAnswer, attestation_report_data, open_answer, raw_public
+from kms.keys import app_key_issued_digest, k256_public_key_compressed
+from kms_client.verify import KmsClientError, verify_owner_seal_pubkey
+
+T = TypeVar("T", bound=BaseModel)
+
+# attest(report_data) -> (quote bytes, event log JSON string): dstack-sdk's get_quote, inside a CVM.
+Attest = Callable[[bytes], tuple[bytes, str]]
+
+
+class KmsError(Exception):
+    """Base of everything the KMS client raises."""
+
+
+class KmsUnreachable(KmsError):
+    pass
+
+
+class KmsRefused(KmsError):
+    def __init__(self, code: str, message: str):
+        super().__init__(f"KMS refused ({code}): {message}")
+        self.code = code
+
+
+class KmsAnswerInvalid(KmsError):
+    pass
+
+
+@dataclass(frozen=True)
+class AppKey:
+    k256_key: bytes
+    k256_signature: bytes
+    kms_root_pubkey: bytes
+    simulated: bool
+
+
+@dataclass(frozen=True)
+class OwnerKeyRelease:
+    keys: dict[str, X25519PrivateKey]
+    release_id: str
+    release_tx: str
+    epsilon_spent: float
+    epsilon_remaining: float
+    simulated: bool
+
+
+class KmsClient:
+    def __init__(self, url: str, *, timeout_s: float = 10.0):
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, timeout=timeout_s)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> KmsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, body: BaseModel | None, answer: type[T]) -> T:
+        try:
+            reply = self._http.post(f"/prpc/{method}", json=body.model_dump() if body else {})
+        except httpx.TransportError as exc:
+            raise KmsUnreachable(f"KMS unreachable at {self.url}: {type(exc).__name__}") from None
+        try:
+            if reply.status_code == 403:
+                refusal = wire.Refusal.model_validate_json(reply.content)
+                raise KmsRefused(refusal.reason, refusal.error)
+            if reply.status_code != 200:
+                raise KmsError(f"KMS answered HTTP {reply.status_code} to {method}: {reply.text[:200]}")
+            return answer.model_validate_json(reply.content)
+        except ValidationError:
+            raise KmsAnswerInvalid(f"malformed {method} answer from the KMS") from None
+
+    def meta(self) -> wire.Meta:
+        return self._call("GetMeta", None, wire.Meta)
+
+    def owner_seal_key(self, app_id: str, compose_hash: bytes, owner: str, *, pinned_root_address: str,
+                       now: int | None = None) -> X25519PublicKey:
+        """The owner's sealing public key for this recipe, verified against the KMS root the owner pins."""
+        request = wire.OwnerSealKeyRequest(app_id=to_checksum_address(app_id), compose_hash=compose_hash.hex(),
+                                           owner=to_checksum_address(owner))
+        signed = self._call("GetOwnerSealKey", request, wire.OwnerSealKey)
+        if (signed.app_id, signed.compose_hash, signed.owner) != (request.app_id, request.compose_hash, request.owner):
+            raise KmsAnswerInvalid("the KMS answered for another app, recipe or owner")
+        public = bytes.fromhex(signed.public_key)
+        try:
+            verify_owner_seal_pubkey(
+                bytes.fromhex(request.app_id[2:]), compose_hash, bytes.fromhex(request.owner[2:]), public,
+                signed.timestamp, bytes.fromhex(signed.signature), pinned_root_address=pinned_root_address,
+                now=int(time.time()) if now is None else now,
+            )
+        except KmsClientError as exc:
+            raise KmsAnswerInvalid(str(exc)) from None
+        return X25519PublicKey.from_public_bytes(public)
+
+    def _attestation(self, attest: Attest, collateral: str | None) -> tuple[wire.Attestation, X25519PrivateKey, bytes]:
+        nonce = bytes.fromhex(self._call("GetNonce", None, wire.Nonce).nonce)
+        ephemeral = X25519PrivateKey.generate()
+        quote, event_log = attest(attestation_report_data(nonce, raw_public(ephemeral)))
+        attestation = wire.Attestation(quote=quote.hex(), event_log=event_log, nonce=nonce.hex(),
+                                       ephemeral_pubkey=raw_public(ephemeral).hex(), collateral=collateral)
+        return attestation, ephemeral, nonce
+
+    def _open(self, box: wire.SealedBox, nonce: bytes, ephemeral: X25519PrivateKey) -> dict:
+        try:
+            return json.loads(open_answer(SealedAnswer.from_wire(box.model_dump()), nonce=nonce, cvm_key=ephemeral))
+        except (BoxOpenFailed, ValueError) as exc:
+            raise KmsAnswerInvalid(str(exc)) from None
+
+    def get_app_key(self, attest: Attest, *, app_id: bytes, pinned_root_pubkey: bytes | None = None,
+                    collateral: str | None = None) -> AppKey:
+        """Attest and receive the app key; its KMS signature must recover to the pinned root (or GetMeta's)."""
+        root = pinned_root_pubkey or bytes.fromhex(self.meta().k256_pubkey)
+        attestation, ephemeral, nonce = self._attestation(attest, collateral)
+        answer = self._call("GetAppKey", attestation, wire.AppKeyResponse)
+        opened = self._open(answer.box, nonce, ephemeral)
+        key, signature = bytes.fromhex(opened["k256_key"]), bytes.fromhex(opened["k256_signature"])
+        _check_app_key_issued(app_id, key, signature, root)
+        return AppKey(k256_key=key, k256_signature=signature, kms_root_pubkey=root, simulated=answer.simulated)
+
+    def release_owner_keys(self, attest: Attest, app_compose: bytes, *,
+                           collateral: str | None = None) -> OwnerKeyRelease:
+        """Attest and receive the consenting owners' unwrap keys; the KMS spends the study's ε on-chain first."""
+        attestation, ephemeral, nonce = self._attestation(attest, collateral)
+        request = wire.OwnerKeysRequest(attestation=attestation, app_compose=app_compose.decode())
+        answer = self._call("ReleaseOwnerKeys", request, wire.OwnerKeysResponse)
+        opened = self._open(answer.box, nonce, ephemeral)
+        keys = {owner: X25519PrivateKey.from_private_bytes(bytes.fromhex(k)) for owner, k in opened.items()}
+        return OwnerKeyRelease(keys=keys, release_id=answer.release_id, release_tx=answer.release_tx,
+                               epsilon_spent=answer.epsilon_spent, epsilon_remaining=answer.epsilon_remaining,
+                               simulated=answer.simulated)
+
+
+def _check_app_key_issued(app_id: bytes, key: bytes, signature: bytes, root_pubkey: bytes) -> None:
+    """The KMS's signature over the app key (dstack's k256_signature) must recover to the pinned root."""
+    try:
+        digest = app_key_issued_digest(app_id, k256_public_key_compressed(key))
+        signer = eth_keys.Signature(signature_bytes=signature).recover_public_key_from_msg_hash(digest)
+    except (BadSignature, EthKeysValidationError, ValueError):
+        raise KmsAnswerInvalid("the app key's KMS signature is malformed") from None
+    if signer.to_compressed_bytes() != root_pubkey:
+        raise KmsAnswerInvalid("the app key was not issued by the pinned KMS root")

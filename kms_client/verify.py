@@ -1,0 +1,324 @@
+"""Client-side checks of KMS-issued material: owner sealing keys and dstack signature chains.
+
+Used by data owners (before sealing to a key), auditors (on a run's receipt) and CVMs (on their own keys).
+Everything here is verify-or-raise; nothing talks to the network.
+
+* Owner sealing public keys (DESIGN.md §3): the KMS root signs
+  ``keccak256(b"sealroom-owner-seal-pubkey/v1:" ‖ app_id ‖ compose_hash ‖ owner ‖ u64_be(timestamp)
+  ‖ pubkey)`` (``kms.keys.owner_seal_pubkey_digest``); :func:`verify_owner_seal_pubkey` checks signer and
+  freshness.
+* Signature chains (shared/reference/dstack.md §4 and §6, "Signature chain"): a ``Sign`` result carries
+  ``[message signature, app-key signature, KMS signature]``, a ``GetKey`` result the last two. Each
+  signature is 65-byte recoverable secp256k1 (``r ‖ s ‖ v``, ``v`` in {0, 1}); recovering them in turn
+  gives the message key pK2, the app key pK1 and the KMS root pK0::
+
+      pK2 = recover(S_msg, keccak256(message))            # algorithm "secp256k1"
+          = recover(S_msg, message)                       # algorithm "secp256k1_prehashed" (32-byte digest)
+      pK1 = recover(S_app, keccak256(f"{purpose}:{hex(pK2 compressed)}"))
+      pK0 = recover(S_kms, keccak256(b"dstack-kms-issued:" ‖ app_id ‖ pK1 compressed))
+
+  and pK0 must be the pinned KMS root. Recovery always yields *some* key, so a wrong signature is
+  noticed where the recovered key is compared with an expected one: a wrong app-key or KMS signature
+  both surface at the root unless the caller also pins the app key.
+
+Errors::
+
+    KmsClientError
+    ├── UntrustedKmsKey(reason)               an owner sealing key the pinned KMS root did not vouch for
+    └── SignatureChainMismatch(link, reason)  a chain that does not lead to the pinned root; ``link`` is
+                                              "chain" (malformed), "message", "app-key" or "kms" (LINK_*)
+
+Material received from the KMS or an agent (signatures, public keys, timestamps) that is malformed is
+reported with these errors; caller mistakes (wrong-length app_id, an unknown algorithm) are
+``ValueError``/``TypeError``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from eth_keys import keys as eth_keys
+from eth_keys.exceptions import BadSignature
+from eth_keys.exceptions import ValidationError as EthKeysValidationError
+from eth_utils import keccak, to_checksum_address
+
+from kms.keys import app_key_issued_digest, k256_public_key_compressed, owner_seal_pubkey_digest
+
+__all__ = [
+    "MAX_CLOCK_SKEW_S",
+    "LINK_CHAIN",
+    "LINK_MESSAGE",
+    "LINK_APP_KEY",
+    "LINK_KMS",
+    "KmsClientError",
+    "UntrustedKmsKey",
+    "SignatureChainMismatch",
+    "ChainRoots",
+    "verify_owner_seal_pubkey",
+    "recover_signature_chain",
+    "verify_signature_chain",
+    "verify_get_key_response",
+]
+
+LINK_CHAIN = "chain"  # the chain's shape: signature count, encoding, the returned key
+LINK_MESSAGE = "message"  # the derived key's signature over the message
+LINK_APP_KEY = "app-key"  # the app key's signature over "{purpose}:{derived pubkey hex}"
+LINK_KMS = "kms"  # the KMS root's signature over the app key
+
+# As dstack-sdk's verify_env_encrypt_public_key: a KMS clock up to a minute ahead of ours is tolerated.
+MAX_CLOCK_SKEW_S = 60
+_SIGN_ALGORITHMS = ("secp256k1", "secp256k1_prehashed")
+_GET_KEY_ALGORITHMS = ("secp256k1", "ed25519")
+_ADDRESS_RE = re.compile(r"0x[0-9a-fA-F]{40}")
+
+
+class KmsClientError(Exception):
+    """Base of the outcomes of kms_client."""
+
+
+class UntrustedKmsKey(KmsClientError):
+    """The KMS-issued key is not vouched for by the pinned KMS root (wrong signer, stale, future, malformed)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SignatureChainMismatch(KmsClientError):
+    """A signature chain does not lead to the pinned KMS root; ``link`` names the first link found wrong."""
+
+    def __init__(self, link: str, reason: str) -> None:
+        super().__init__(f"{link} link: {reason}")
+        self.link = link
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ChainRoots:
+    """The keys a signature chain recovers to, each 33-byte SEC1-compressed secp256k1."""
+
+    message_pubkey: bytes  # pK2: the derived key that signed the message
+    app_pubkey: bytes  # pK1: the app key (derived by the KMS from its root for this app_id)
+    kms_root_pubkey: bytes  # pK0: the KMS root key
+
+    @property
+    def kms_root_address(self) -> str:
+        """The KMS root's Ethereum address (0x + checksum)."""
+        return eth_keys.PublicKey.from_compressed_bytes(self.kms_root_pubkey).to_checksum_address()
+
+
+def _pinned_address(pinned: bytes | str, what: str) -> str:
+    """Normalise a pinned KMS identity to a checksum address: 0x-address text, 20 raw bytes or a 33-byte key."""
+    if isinstance(pinned, str):
+        if not _ADDRESS_RE.fullmatch(pinned):
+            raise ValueError(f"{what} must be a 0x-prefixed 20-byte address")
+        return to_checksum_address(pinned)
+    if isinstance(pinned, bytes) and len(pinned) == 20:
+        return to_checksum_address(pinned)
+    if isinstance(pinned, bytes) and len(pinned) == 33:
+        try:
+            return eth_keys.PublicKey.from_compressed_bytes(pinned).to_checksum_address()
+        except (EthKeysValidationError, ValueError) as exc:
+            raise ValueError(f"{what} is not a valid compressed secp256k1 public key") from exc
+    raise TypeError(f"{what} must be an address (0x text or 20 bytes) or a 33-byte compressed public key")
+
+
+def _recover(digest: bytes, signature: bytes) -> eth_keys.PublicKey:
+    """Recover the signer of a 65-byte ``r ‖ s ‖ v`` signature; ValueError (with a reason) if malformed."""
+    if len(signature) != 65:
+        raise ValueError(f"signature must be 65 bytes (r ‖ s ‖ v), got {len(signature)}")
+    try:
+        return eth_keys.Signature(signature_bytes=signature).recover_public_key_from_msg_hash(digest)
+    except (BadSignature, EthKeysValidationError) as exc:
+        raise ValueError(f"malformed signature: {exc}") from exc
+
+
+def verify_owner_seal_pubkey(
+    app_id: bytes,
+    compose_hash: bytes,
+    owner: bytes,
+    pubkey: bytes,
+    timestamp: int,
+    signature: bytes,
+    *,
+    pinned_root_address: bytes | str,
+    now: int,
+    max_age_s: int = 300,
+) -> None:
+    """Check that the pinned KMS root vouched, recently, for ``pubkey`` as the owner's sealing key.
+
+    ``app_id`` (20), ``compose_hash`` (32) and ``owner`` (20) are what the caller expects; ``pubkey``
+    (X25519, 32), ``timestamp`` (Unix seconds) and ``signature`` (65) come from the KMS. Refuses with
+    :class:`UntrustedKmsKey` a malformed key or signature, a signature by anyone but the pinned root (which
+    also covers any other app, recipe or owner), a timestamp older than ``max_age_s`` or more than
+    ``MAX_CLOCK_SKEW_S`` ahead of ``now`` (both Unix seconds).
+    """
+    expected_signer = _pinned_address(pinned_root_address, "pinned_root_address")
+    if not isinstance(pubkey, bytes) or len(pubkey) != 32:
+        raise UntrustedKmsKey("malformed sealing public key: expected 32 bytes of X25519")
+    if isinstance(timestamp, bool) or not isinstance(timestamp, int) or not 0 <= timestamp < 2**64:
+        raise UntrustedKmsKey("malformed timestamp")
+    if not isinstance(signature, bytes):
+        raise UntrustedKmsKey("malformed signature: expected bytes")
+    # With the KMS's parts checked above, an error here is a caller mistake (ValueError/TypeError).
+    digest = owner_seal_pubkey_digest(app_id, compose_hash, owner, pubkey, timestamp)
+    try:
+        signer = _recover(digest, signature)
+    except ValueError as exc:
+        raise UntrustedKmsKey(str(exc)) from exc
+    if signer.to_checksum_address() != expected_signer:
+        raise UntrustedKmsKey(
+            f"signed by {signer.to_checksum_address()}, not the pinned KMS root {expected_signer} "
+            "(or for another app, recipe or owner)"
+        )
+    if now - timestamp > max_age_s:
+        raise UntrustedKmsKey(f"stale: signed {now - timestamp} s ago, more than the {max_age_s} s allowed")
+    if timestamp - now > MAX_CLOCK_SKEW_S:
+        raise UntrustedKmsKey(f"signed {timestamp - now} s in the future; check the KMS and local clocks")
+
+
+def _signatures(signature_chain: Sequence[bytes | str], count: int) -> list[bytes]:
+    """Decode a chain given as bytes or hex text (as dstack-sdk responses carry it)."""
+    if isinstance(signature_chain, (bytes, str)) or len(signature_chain) != count:
+        raise SignatureChainMismatch(LINK_CHAIN, f"expected a list of {count} signatures")
+    decoded = []
+    for item in signature_chain:
+        if isinstance(item, str):
+            try:
+                item = bytes.fromhex(item.removeprefix("0x"))
+            except ValueError as exc:
+                raise SignatureChainMismatch(LINK_CHAIN, "a signature is not valid hex") from exc
+        if not isinstance(item, bytes):
+            raise SignatureChainMismatch(LINK_CHAIN, "signatures must be bytes or hex text")
+        decoded.append(item)
+    return decoded
+
+
+def _recover_link(link: str, digest: bytes, signature: bytes) -> bytes:
+    try:
+        return _recover(digest, signature).to_compressed_bytes()
+    except ValueError as exc:
+        raise SignatureChainMismatch(link, str(exc)) from exc
+
+
+def _recover_app_and_root(
+    derived_pubkey_hex: str, app_signature: bytes, kms_signature: bytes, purpose: str, app_id: bytes
+) -> tuple[bytes, bytes]:
+    """(pK1, pK0) from the two links every chain shares (the guest agent's GetKey chain)."""
+    if not isinstance(purpose, str):
+        raise TypeError("purpose must be a string")
+    app_pubkey = _recover_link(LINK_APP_KEY, keccak(f"{purpose}:{derived_pubkey_hex}".encode()), app_signature)
+    root_pubkey = _recover_link(LINK_KMS, app_key_issued_digest(app_id, app_pubkey), kms_signature)
+    return app_pubkey, root_pubkey
+
+
+def recover_signature_chain(
+    message: bytes,
+    signature_chain: Sequence[bytes | str],
+    *,
+    purpose: str,
+    app_id: bytes,
+    algorithm: str = "secp256k1",
+) -> ChainRoots:
+    """Recover the keys of a ``Sign`` signature chain (dstack.md §6) **without** judging them.
+
+    ``signature_chain`` is ``[message signature, app-key signature, KMS signature]``, as bytes or hex.
+    For ``algorithm="secp256k1"`` the message signature is over ``keccak256(message)``; for
+    ``"secp256k1_prehashed"`` ``message`` is the 32-byte digest itself. The result proves nothing until
+    its ``kms_root_pubkey`` is compared with a pinned root: use :func:`verify_signature_chain`.
+    """
+    if algorithm not in _SIGN_ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {_SIGN_ALGORITHMS}")
+    if not isinstance(message, bytes):
+        raise TypeError("message must be bytes")
+    if algorithm == "secp256k1_prehashed" and len(message) != 32:
+        raise ValueError("secp256k1_prehashed needs the 32-byte digest as message")
+    message_signature, app_signature, kms_signature = _signatures(signature_chain, 3)
+    digest = keccak(message) if algorithm == "secp256k1" else message
+    message_pubkey = _recover_link(LINK_MESSAGE, digest, message_signature)
+    app_pubkey, root_pubkey = _recover_app_and_root(
+        message_pubkey.hex(), app_signature, kms_signature, purpose, app_id
+    )
+    return ChainRoots(message_pubkey=message_pubkey, app_pubkey=app_pubkey, kms_root_pubkey=root_pubkey)
+
+
+def _check_root(recovered_root: bytes, expected: str, hint: str) -> None:
+    recovered = eth_keys.PublicKey.from_compressed_bytes(recovered_root).to_checksum_address()
+    if recovered != expected:
+        raise SignatureChainMismatch(
+            LINK_KMS, f"chain ends at {recovered}, not the pinned KMS root {expected} ({hint})"
+        )
+
+
+def verify_signature_chain(
+    message: bytes,
+    signature_chain: Sequence[bytes | str],
+    *,
+    purpose: str,
+    app_id: bytes,
+    expected_kms_root: bytes | str,
+    algorithm: str = "secp256k1",
+    expected_message_pubkey: bytes | None = None,
+    expected_app_pubkey: bytes | None = None,
+) -> None:
+    """Check that ``message`` was signed by a key the pinned KMS root issued to ``app_id`` (dstack.md §6).
+
+    ``expected_kms_root`` is the pinned root: a 0x address, 20 address bytes or the 33-byte compressed key
+    (DstackKms ``kmsInfo.k256Pubkey``). Optionally pin the message key (the ``public_key`` a ``Sign``
+    response returns) and the app key, both 33-byte compressed, to learn exactly which link is wrong.
+    Raises :class:`SignatureChainMismatch` naming the first wrong link, checked from the message up.
+    """
+    expected_root = _pinned_address(expected_kms_root, "expected_kms_root")
+    for pinned_key in (expected_message_pubkey, expected_app_pubkey):
+        if pinned_key is not None and (not isinstance(pinned_key, bytes) or len(pinned_key) != 33):
+            raise ValueError("expected_message_pubkey and expected_app_pubkey must be 33-byte compressed keys")
+    roots = recover_signature_chain(message, signature_chain, purpose=purpose, app_id=app_id, algorithm=algorithm)
+    if expected_message_pubkey is not None and roots.message_pubkey != expected_message_pubkey:
+        raise SignatureChainMismatch(LINK_MESSAGE, "not signed by the expected key (or the message differs)")
+    if expected_app_pubkey is not None and roots.app_pubkey != expected_app_pubkey:
+        raise SignatureChainMismatch(LINK_APP_KEY, "not signed by the expected app key (or the purpose differs)")
+    if expected_app_pubkey is None:
+        hint = "a signature, the message, the purpose or the app_id differs"
+    else:
+        hint = "the KMS signature or the app_id differs"
+    _check_root(roots.kms_root_pubkey, expected_root, hint)
+
+
+def verify_get_key_response(
+    key: bytes | str,
+    signature_chain: Sequence[bytes | str],
+    purpose: str,
+    app_id: bytes,
+    expected_kms_root: bytes | str,
+    *,
+    algorithm: str = "secp256k1",
+) -> None:
+    """Check a guest agent ``GetKey`` answer: ``[app-key signature, KMS signature]`` leads to the pinned root.
+
+    ``key`` is the returned 32-byte derived private key (bytes or hex, as ``GetKeyResponse.key``). Its public
+    key (SEC1 compressed for secp256k1, raw 32 bytes for ed25519) is what the app key signed, with
+    ``purpose``. Raises :class:`SignatureChainMismatch`.
+    """
+    if algorithm not in _GET_KEY_ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {_GET_KEY_ALGORITHMS}")
+    expected_root = _pinned_address(expected_kms_root, "expected_kms_root")
+    if isinstance(key, str):
+        try:
+            key = bytes.fromhex(key.removeprefix("0x"))
+        except ValueError as exc:
+            raise SignatureChainMismatch(LINK_CHAIN, "the key is not valid hex") from exc
+    if not isinstance(key, bytes) or len(key) != 32:
+        raise SignatureChainMismatch(LINK_CHAIN, "the key must be 32 bytes")
+    try:
+        if algorithm == "secp256k1":
+            derived_pubkey = k256_public_key_compressed(key)
+        else:
+            derived_pubkey = Ed25519PrivateKey.from_private_bytes(key).public_key().public_bytes_raw()
+    except ValueError as exc:
+        raise SignatureChainMismatch(LINK_CHAIN, "the key is not a valid private key") from exc
+    app_signature, kms_signature = _signatures(signature_chain, 2)
+    _, root_pubkey = _recover_app_and_root(derived_pubkey.hex(), app_signature, kms_signature, purpose, app_id)
+    _check_root(root_pubkey, expected_root, "a signature, the key, the purpose or the app_id differs")

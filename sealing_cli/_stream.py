@@ -1,0 +1,160 @@
+"""Raw chunked AES-256-GCM for the sealed payload (DESIGN.md §4). Low level: use ``_sealed_file``.
+
+The payload is the plaintext cut into ``chunk_size`` pieces (the last one may be shorter; an empty
+plaintext is one empty chunk), each stored as ``AES-256-GCM(data_key, nonce_i, chunk_i, aad)`` =
+ciphertext ‖ 16-byte tag, back to back with nothing in between, in the spirit of age's STREAM:
+
+* ``nonce_i = u64_be(i) ‖ u32_be(flags)`` with flags bit 0 set on the final chunk only. Counter
+  nonces are safe because every sealed file has its own random, single-use data key, so no
+  (key, nonce) pair ever repeats. The index stops reordering; the final flag stops truncation at a
+  chunk boundary (the new last chunk was sealed without the flag) and data after the last chunk.
+* ``aad`` is the header digest, so a chunk from another file (another header) does not open here.
+
+Both directions stream with fixed, reused buffers (memory independent of the plaintext size), use
+pyca/cryptography's ``encrypt_into`` / ``decrypt_into`` to avoid per-chunk allocations, and feed the
+SHA-256 of the ciphertext from a second thread: hashing is the slowest step and runs on the other
+core while this one reads, encrypts and writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import BinaryIO
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ._sealed_errors import DecryptionFailed, InputChangedWhileSealing
+
+TAG_BYTES = 16
+_FINAL_CHUNK_FLAG = 1
+
+
+def chunk_count(plaintext_bytes: int, chunk_size: int) -> int:
+    """Number of chunks for a plaintext: ceil(plaintext_bytes / chunk_size), and 1 for an empty one."""
+    return max(1, -(-plaintext_bytes // chunk_size))
+
+
+def payload_length(plaintext_bytes: int, chunk_size: int) -> int:
+    """Exact byte length of the stored payload: the plaintext plus one tag per chunk."""
+    return plaintext_bytes + TAG_BYTES * chunk_count(plaintext_bytes, chunk_size)
+
+
+def chunk_nonce(index: int, *, final: bool) -> bytes:
+    """The 12-byte nonce of chunk ``index``: u64_be(index) ‖ u32_be(1 if final else 0)."""
+    return index.to_bytes(8, "big") + (_FINAL_CHUNK_FLAG if final else 0).to_bytes(4, "big")
+
+
+def encrypt_stream(
+    source: BinaryIO,
+    sink: BinaryIO,
+    *,
+    data_key: bytes,
+    aad: bytes,
+    plaintext_bytes: int,
+    chunk_size: int,
+    observe: Callable[[bytearray], None],
+) -> bytes:
+    """Encrypt exactly ``plaintext_bytes`` from ``source`` into ``sink``; return SHA-256 of what was written.
+
+    ``observe`` sees each plaintext chunk before it is encrypted (the buffer is reused: it is valid only
+    during the call). Raises ``InputChangedWhileSealing`` if ``source`` ends early or has more bytes.
+    """
+    aead = AESGCM(data_key)
+    count = chunk_count(plaintext_bytes, chunk_size)
+    plain = bytearray(min(chunk_size, plaintext_bytes))
+    # Two ciphertext buffers: one is being hashed by the worker while the next one is filled.
+    sealed = [bytearray(chunk_size + TAG_BYTES) for _ in range(2)]
+    hashing: list[Future[None] | None] = [None, None]
+    digest = hashlib.sha256()
+    remaining = plaintext_bytes
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sealroom-sha256") as hasher:
+        for index in range(count):
+            size = min(chunk_size, remaining)
+            if size < len(plain):
+                del plain[size:]  # only the last chunk is short; the buffer keeps the chunk's exact length
+            if _read_into(source, plain) != size:
+                raise InputChangedWhileSealing("the input file shrank while it was being sealed")
+            observe(plain)
+            slot = index % 2
+            if hashing[slot] is not None:
+                hashing[slot].result()
+            out = memoryview(sealed[slot])[: size + TAG_BYTES]
+            aead.encrypt_into(chunk_nonce(index, final=index == count - 1), plain, aad, out)
+            hashing[slot] = hasher.submit(digest.update, out)
+            sink.write(out)
+            remaining -= size
+        if source.read(1):
+            raise InputChangedWhileSealing("the input file grew while it was being sealed")
+    return digest.digest()
+
+
+def decrypt_stream(
+    source: BinaryIO,
+    plaintext: memoryview,
+    *,
+    data_key: bytes,
+    aad: bytes,
+    chunk_size: int,
+    expected_ciphertext_sha256: bytes,
+) -> None:
+    """Decrypt the payload at ``source``'s position into ``plaintext`` (exactly its length) or raise.
+
+    Either every chunk authenticates, the final flag sits on the last chunk and the SHA-256 of the
+    ciphertext read equals ``expected_ciphertext_sha256`` — or ``plaintext`` is zeroed (``decrypt_into``
+    writes unauthenticated bytes before it checks the tag) and ``DecryptionFailed`` is raised.
+    """
+    try:
+        digest = _decrypt_chunks(source, plaintext, AESGCM(data_key), aad, chunk_size)
+        if not hmac.compare_digest(digest, expected_ciphertext_sha256):
+            raise DecryptionFailed()
+    except InvalidTag:
+        _zero(plaintext, chunk_size)
+        raise DecryptionFailed() from None
+    except BaseException:
+        _zero(plaintext, chunk_size)
+        raise
+
+
+def _decrypt_chunks(source: BinaryIO, plaintext: memoryview, aead: AESGCM, aad: bytes, chunk_size: int) -> bytes:
+    total = len(plaintext)
+    count = chunk_count(total, chunk_size)
+    sealed = [bytearray(min(chunk_size, total) + TAG_BYTES) for _ in range(2)]
+    hashing: list[Future[None] | None] = [None, None]
+    digest = hashlib.sha256()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sealroom-sha256") as hasher:
+        for index in range(count):
+            start = index * chunk_size
+            size = min(chunk_size, total - start)
+            slot = index % 2
+            if hashing[slot] is not None:
+                hashing[slot].result()
+            chunk = memoryview(sealed[slot])[: size + TAG_BYTES]
+            if _read_into(source, chunk) != len(chunk):
+                raise DecryptionFailed()
+            hashing[slot] = hasher.submit(digest.update, chunk)
+            aead.decrypt_into(chunk_nonce(index, final=index == count - 1), chunk, aad, plaintext[start : start + size])
+    return digest.digest()
+
+
+def _read_into(source: BinaryIO, buffer: bytearray | memoryview) -> int:
+    """Fill ``buffer`` from ``source`` (looping over short reads); return how many bytes were read."""
+    view = memoryview(buffer)
+    filled = 0
+    while filled < len(view):
+        got = source.readinto(view[filled:])
+        if not got:
+            break
+        filled += got
+    return filled
+
+
+def _zero(buffer: memoryview, block: int) -> None:
+    """Overwrite ``buffer`` with zeros in ``block``-sized steps (no buffer-sized temporary)."""
+    zeros = bytes(min(block, len(buffer)))
+    for start in range(0, len(buffer), block):
+        end = min(start + block, len(buffer))
+        buffer[start:end] = zeros[: end - start]
