@@ -36,7 +36,12 @@ class StudyInput(_Closed):
     """One sealed dataset: whose it is and which exact ciphertext (sha256 of the sealed payload)."""
 
     owner: str = Field(description="owner's Ethereum address; stored as 0x + EIP-55 checksum")
-    ciphertext_sha256: str = Field(description="sha256 of the sealed dataset's ciphertext, 64 lowercase hex")
+    # Optional, and usually absent: a dataset sealed *to this recipe* cannot be listed by its ciphertext digest
+    # inside the recipe (the compose hash would depend on itself). The CVM measures the digests of the inputs it
+    # actually opened into RTMR3 (event "sealroom-inputs") and the receipt lists them. When a digest is given
+    # here, the CVM refuses any other ciphertext for this input.
+    ciphertext_sha256: str | None = Field(default=None, description="sha256 of the sealed dataset's ciphertext, "
+                                                                      "64 lowercase hex")
     name: str = Field(min_length=1)
 
     @field_validator("owner")
@@ -52,7 +57,9 @@ class StudyInput(_Closed):
 
     @field_validator("ciphertext_sha256")
     @classmethod
-    def _lowercase_digest(cls, value: str) -> str:
+    def _lowercase_digest(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not _SHA256_HEX_RE.fullmatch(value):
             raise ValueError("ciphertext_sha256 must be 64 hex digits (no 0x)")
         return value.lower()
@@ -100,7 +107,7 @@ class StudyManifest(_Closed):
 
     @model_validator(mode="after")
     def _distinct_inputs(self) -> StudyManifest:
-        digests = [item.ciphertext_sha256 for item in self.inputs]
+        digests = [item.ciphertext_sha256 for item in self.inputs if item.ciphertext_sha256 is not None]
         if len(set(digests)) != len(digests):
             raise ValueError("the same ciphertext is listed twice in inputs")
         names = [item.name for item in self.inputs]

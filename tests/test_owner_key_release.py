@@ -1,0 +1,119 @@
+"""Per-owner key release: only to the attested recipe, only for owners who approved it, only within the budget."""
+
+from __future__ import annotations
+
+import pytest
+from eth_account import Account
+
+from compose.app_compose import build_app_compose, compose_hash, normalized_json_bytes
+from compose.manifest import StudyManifest
+from contracts.chain import DstackApp, DstackKms
+from kms_client.box import raw_public
+from kms_client.client import KmsClient, KmsRefused
+from sealing_cli.devchain import ANVIL_FUNDER_KEY
+from sealing_cli.stack import LocalStack, read_keystore
+from tests.simulated_cvm import SimulatedCvm
+
+YAML = "services:\n  study:\n    image: sealroom/study@sha256:" + "1" * 64 + "\n"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    with LocalStack(tmp_path_factory.mktemp("release"), owner_names=("A", "B", "C"), threshold=2) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def owners(stack):
+    d = stack.description
+    return {o.name: read_keystore(o.keystore, d.dev_keystore_password) for o in d.owners}
+
+
+@pytest.fixture
+def study(stack, owners):
+    """A fresh 2-of-3 study with an ε budget of 1.0, registered in the stack's DstackKms."""
+    funder = Account.from_key(ANVIL_FUNDER_KEY)
+    app = DstackApp.deploy(stack.chain, funder, owners=[o.address for o in owners.values()], threshold=2,
+                           epsilon_budget=1.0, kms_signer=stack.description.kms_signer)
+    DstackKms(stack.chain, stack.description.dstack_kms).register_app(app.address, funder)
+    return app
+
+
+def recipe(owners, names, epsilon=0.4, tag="v1"):
+    manifest = StudyManifest.model_validate({
+        "study": f"release-test-{tag}",
+        "inputs": [{"owner": owners[n].address, "name": f"cohort-{n}"} for n in names],
+        "analysis": {"kind": "dp_stats", "params": {}}, "epsilon": epsilon, "delta": 1e-6,
+        "output_type": "aggregate_stats",
+    })
+    body = normalized_json_bytes(build_app_compose("release-test", YAML, manifest))
+    return body, compose_hash(body)
+
+
+def approve(study, owners, h, *names):
+    study.propose(h, "", owners["A"])
+    for name in names:
+        study.approve(h, owners[name])
+
+
+@pytest.fixture
+def kms(stack):
+    with KmsClient(stack.description.services["kms"]["url"]) as client:
+        yield client
+
+
+def test_release_gives_each_consenting_owner_key_and_spends_budget(stack, study, owners, kms):
+    body, h = recipe(owners, ["A", "B"])
+    approve(study, owners, h, "A", "B")
+    machine = SimulatedCvm(stack.state_dir, study.app_id, h)
+    release = kms.release_owner_keys(machine.attest, body)
+    assert set(release.keys) == {owners["A"].address, owners["B"].address}
+    assert release.simulated and release.epsilon_spent == pytest.approx(0.4)
+    root = kms.meta().root_address
+    for owner, private in release.keys.items():
+        public = kms.owner_seal_key(study.address, h, owner, pinned_root_address=root)
+        assert raw_public(private) == raw_public(public), "the released key is the one owners sealed to"
+    assert study.budget().spent_micro == 400_000
+
+
+def test_release_that_would_overspend_is_refused_and_spends_nothing(stack, study, owners, kms):
+    body, h = recipe(owners, ["A", "B"], epsilon=0.4)
+    approve(study, owners, h, "A", "B")
+    machine = SimulatedCvm(stack.state_dir, study.app_id, h)
+    kms.release_owner_keys(machine.attest, body)
+    kms.release_owner_keys(machine.attest, body)
+    with pytest.raises(KmsRefused, match="privacy budget exceeded") as refused:
+        kms.release_owner_keys(machine.attest, body)
+    assert refused.value.code == "budget_exhausted"
+    assert study.budget().spent_micro == 800_000
+
+
+def test_owner_who_did_not_approve_is_named_and_nothing_is_spent(stack, study, owners, kms):
+    body, h = recipe(owners, ["A", "C"])
+    approve(study, owners, h, "A", "B")  # threshold met by A and B; C never consented
+    machine = SimulatedCvm(stack.state_dir, study.app_id, h)
+    with pytest.raises(KmsRefused, match=owners["C"].address) as refused:
+        kms.release_owner_keys(machine.attest, body)
+    assert refused.value.code == "owner_not_consenting"
+    assert study.budget().spent_micro == 0
+
+
+def test_revoked_recipe_releases_nothing(stack, study, owners, kms):
+    body, h = recipe(owners, ["A", "B"])
+    approve(study, owners, h, "A", "B")
+    study.revoke(h, owners["C"])
+    machine = SimulatedCvm(stack.state_dir, study.app_id, h)
+    with pytest.raises(KmsRefused, match="Compose hash revoked") as refused:
+        kms.release_owner_keys(machine.attest, body)
+    assert refused.value.code == "revoked"
+    assert study.budget().spent_micro == 0
+
+
+def test_app_compose_must_be_the_attested_one(stack, study, owners, kms):
+    body, h = recipe(owners, ["A", "B"])
+    other_body, _ = recipe(owners, ["A", "B"], epsilon=0.01, tag="cheaper")
+    approve(study, owners, h, "A", "B")
+    machine = SimulatedCvm(stack.state_dir, study.app_id, h)
+    with pytest.raises(KmsRefused, match="does not hash to the attested compose hash"):
+        kms.release_owner_keys(machine.attest, other_body)
+    assert study.budget().spent_micro == 0
