@@ -107,10 +107,9 @@ class StudyManifest(_Closed):
 
     @model_validator(mode="after")
     def _distinct_inputs(self) -> StudyManifest:
-        digests = [item.ciphertext_sha256 for item in self.inputs if item.ciphertext_sha256 is not None]
-        if len(set(digests)) != len(digests):
-            raise ValueError("the same ciphertext is listed twice in inputs")
-        names = [item.name for item in self.inputs]
-        if len(set(names)) != len(names):
-            raise ValueError("input names must be distinct")
+        # One input per owner: the KMS releases one key per (recipe, owner) and the CVM matches files by owner.
+        for field in ("owner", "name", "ciphertext_sha256"):
+            values = [getattr(item, field) for item in self.inputs if getattr(item, field) is not None]
+            if len(set(values)) != len(values):
+                raise ValueError(f"two inputs have the same {field}")
         return self

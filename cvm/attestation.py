@@ -24,7 +24,7 @@ Errors (every failure is an :class:`AttestationError`; caller mistakes are TypeE
     AttestationError
      ├── QuoteFormatError          the bytes are not a well-formed TDX v4/v5 quote
      ├── QuoteRejected(reason)     well-formed, but not trustworthy: DCAP failure, bad signature,
-     │    │                        wrong simulated root, debug TD, revoked TCB
+     │    │                        unknown or wrong root, debug TD, revoked TCB
      │    └── SimulatedQuoteNotAllowed   a simulated quote where only real ones are accepted
      ├── EventLogMismatch(reason)  the event log does not replay to RTMR3, or lacks boot values
      └── ReportDataMismatch        the quote does not bind the expected report_data
@@ -315,6 +315,8 @@ def _check_parsers_agree(raw: bytes, quote: TdxQuote) -> None:
         (quote.body.rtmr2, report.rt_mr2),
         (quote.body.rtmr3, report.rt_mr3),
         (quote.body.mr_config_id, report.mr_config_id),
+        (quote.body.mr_owner, report.mr_owner),
+        (quote.body.mr_owner_config, report.mr_owner_config),
         (quote.body.report_data, report.report_data),
         (quote.body.td_attributes, report.td_attributes),
     )

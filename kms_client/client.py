@@ -142,12 +142,18 @@ class KmsClient:
                     collateral: str | None = None) -> AppKey:
         """Attest and receive the app key; its KMS signature must recover to the pinned root (or GetMeta's)."""
         root = pinned_root_pubkey or bytes.fromhex(self.meta().k256_pubkey)
+        key = self.fetch_app_key_unverified(attest, root, collateral=collateral)
+        _check_app_key_issued(app_id, key.k256_key, key.k256_signature, root)
+        return key
+
+    def fetch_app_key_unverified(self, attest: Attest, root: bytes, *, collateral: str | None = None) -> AppKey:
+        """The app key as the KMS sent it, NOT checked against any root: for a caller (the guest agent) that
+        checks the KMS signature itself against the root it measured at boot."""
         attestation, ephemeral, nonce = self._attestation(attest, collateral)
         answer = self._call("GetAppKey", attestation, wire.AppKeyResponse)
         opened = self._open(answer.box, nonce, ephemeral)
-        key, signature = bytes.fromhex(opened["k256_key"]), bytes.fromhex(opened["k256_signature"])
-        _check_app_key_issued(app_id, key, signature, root)
-        return AppKey(k256_key=key, k256_signature=signature, kms_root_pubkey=root, simulated=answer.simulated)
+        return AppKey(k256_key=bytes.fromhex(opened["k256_key"]), k256_signature=bytes.fromhex(opened["k256_signature"]),
+                      kms_root_pubkey=root, simulated=answer.simulated)
 
     def release_owner_keys(self, attest: Attest, app_compose: bytes, *,
                            collateral: str | None = None) -> OwnerKeyRelease:
@@ -171,3 +177,28 @@ def _check_app_key_issued(app_id: bytes, key: bytes, signature: bytes, root_pubk
         raise KmsAnswerInvalid("the app key's KMS signature is malformed") from None
     if signer.to_compressed_bytes() != root_pubkey:
         raise KmsAnswerInvalid("the app key was not issued by the pinned KMS root")
+
+
+class KmsAppKeyProvider:
+    """The KMS as a booting CVM's guest agent sees it (cvm.agent_sim's AppKeyProvider protocol).
+
+    The root comes from GetMeta; the agent measures it into RTMR3 (`key-provider`) before asking for its key,
+    and accepts the key only if the KMS signature recovers to that measured root.
+    """
+
+    def __init__(self, kms_url: str):
+        self.client = KmsClient(kms_url)
+        self._root = bytes.fromhex(self.client.meta().k256_pubkey)
+
+    def kms_root_pubkey(self) -> bytes:
+        return self._root
+
+    def close(self) -> None:
+        self.client.close()
+
+    def get_app_key(self, attest: Attest) -> AppKey:
+        return self.client.fetch_app_key_unverified(attest, self._root)
+
+
+def make_key_provider(kms_url: str) -> KmsAppKeyProvider:
+    return KmsAppKeyProvider(kms_url)

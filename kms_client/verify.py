@@ -7,19 +7,20 @@ Everything here is verify-or-raise; nothing talks to the network.
   ``keccak256(b"sealroom-owner-seal-pubkey/v1:" ‖ app_id ‖ compose_hash ‖ owner ‖ u64_be(timestamp)
   ‖ pubkey)`` (``kms.keys.owner_seal_pubkey_digest``); :func:`verify_owner_seal_pubkey` checks signer and
   freshness.
-* Signature chains (shared/reference/dstack.md §4 and §6, "Signature chain"): a ``Sign`` result carries
-  ``[message signature, app-key signature, KMS signature]``, a ``GetKey`` result the last two. Each
-  signature is 65-byte recoverable secp256k1 (``r ‖ s ‖ v``, ``v`` in {0, 1}); recovering them in turn
-  gives the message key pK2, the app key pK1 and the KMS root pK0::
+* Signature chains (shared/reference/dstack.md §4 and §6, "Signature chain"; dstack's
+  ``guest-agent/src/rpc_service.rs``): a ``Sign`` result carries ``signature``, ``public_key`` (pK2) and
+  ``signature_chain = [signature, app-key signature, KMS signature]``; a ``GetKey`` result carries the key
+  and the last two. The message signature is checked against pK2 as dstack's agent makes it: secp256k1 is
+  64-byte low-s ``r ‖ s`` ECDSA over ``sha256(data)`` (k256's default digest), ``secp256k1_prehashed`` the
+  same over the given 32-byte digest, ``ed25519`` a plain Ed25519 signature. The other two links are
+  65-byte recoverable secp256k1 (``r ‖ s ‖ v``, ``v`` in {0, 1}) and recovered in turn::
 
-      pK2 = recover(S_msg, keccak256(message))            # algorithm "secp256k1"
-          = recover(S_msg, message)                       # algorithm "secp256k1_prehashed" (32-byte digest)
-      pK1 = recover(S_app, keccak256(f"{purpose}:{hex(pK2 compressed)}"))
+      pK1 = recover(S_app, keccak256(f"{purpose}:{hex(pK2)}"))     # pK2 SEC1-compressed, or raw ed25519
       pK0 = recover(S_kms, keccak256(b"dstack-kms-issued:" ‖ app_id ‖ pK1 compressed))
 
-  and pK0 must be the pinned KMS root. Recovery always yields *some* key, so a wrong signature is
-  noticed where the recovered key is compared with an expected one: a wrong app-key or KMS signature
-  both surface at the root unless the caller also pins the app key.
+  and pK0 must be the pinned KMS root. Recovery always yields *some* key, so a wrong app-key or KMS
+  signature is noticed only where a recovered key is compared with an expected one: both surface at the
+  root unless the caller also pins the app key.
 
 Errors::
 
@@ -35,11 +36,13 @@ reported with these errors; caller mistakes (wrong-length app_id, an unknown alg
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from eth_keys import keys as eth_keys
 from eth_keys.exceptions import BadSignature
 from eth_keys.exceptions import ValidationError as EthKeysValidationError
@@ -64,13 +67,15 @@ __all__ = [
 ]
 
 LINK_CHAIN = "chain"  # the chain's shape: signature count, encoding, the returned key
-LINK_MESSAGE = "message"  # the derived key's signature over the message
+LINK_MESSAGE = "message"  # the derived key's (pK2's) signature over the message
 LINK_APP_KEY = "app-key"  # the app key's signature over "{purpose}:{derived pubkey hex}"
 LINK_KMS = "kms"  # the KMS root's signature over the app key
 
 # As dstack-sdk's verify_env_encrypt_public_key: a KMS clock up to a minute ahead of ours is tolerated.
 MAX_CLOCK_SKEW_S = 60
-_SIGN_ALGORITHMS = ("secp256k1", "secp256k1_prehashed")
+_SIGN_ALGORITHMS = ("secp256k1", "secp256k1_prehashed", "ed25519")
+_DOES_NOT_VERIFY = "the signature does not verify under the given public key (or the message differs)"
+_SECP256K1_HALF_ORDER = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0
 _GET_KEY_ALGORITHMS = ("secp256k1", "ed25519")
 _ADDRESS_RE = re.compile(r"0x[0-9a-fA-F]{40}")
 
@@ -98,9 +103,9 @@ class SignatureChainMismatch(KmsClientError):
 
 @dataclass(frozen=True)
 class ChainRoots:
-    """The keys a signature chain recovers to, each 33-byte SEC1-compressed secp256k1."""
+    """The keys of a signature chain: pK1 and pK0 33-byte SEC1-compressed secp256k1."""
 
-    message_pubkey: bytes  # pK2: the derived key that signed the message
+    message_pubkey: bytes  # pK2: the derived key that signed the message (33 bytes, or 32 for ed25519)
     app_pubkey: bytes  # pK1: the app key (derived by the KMS from its root for this app_id)
     kms_root_pubkey: bytes  # pK0: the KMS root key
 
@@ -180,21 +185,22 @@ def verify_owner_seal_pubkey(
         raise UntrustedKmsKey(f"signed {timestamp - now} s in the future; check the KMS and local clocks")
 
 
+def _agent_bytes(item: object, what: str) -> bytes:
+    """Bytes from an agent response field given as bytes or hex text (as dstack-sdk responses carry them)."""
+    if isinstance(item, str):
+        try:
+            return bytes.fromhex(item.removeprefix("0x"))
+        except ValueError as exc:
+            raise SignatureChainMismatch(LINK_CHAIN, f"{what} is not valid hex") from exc
+    if not isinstance(item, bytes):
+        raise SignatureChainMismatch(LINK_CHAIN, f"{what} must be bytes or hex text")
+    return item
+
+
 def _signatures(signature_chain: Sequence[bytes | str], count: int) -> list[bytes]:
-    """Decode a chain given as bytes or hex text (as dstack-sdk responses carry it)."""
     if isinstance(signature_chain, (bytes, str)) or len(signature_chain) != count:
         raise SignatureChainMismatch(LINK_CHAIN, f"expected a list of {count} signatures")
-    decoded = []
-    for item in signature_chain:
-        if isinstance(item, str):
-            try:
-                item = bytes.fromhex(item.removeprefix("0x"))
-            except ValueError as exc:
-                raise SignatureChainMismatch(LINK_CHAIN, "a signature is not valid hex") from exc
-        if not isinstance(item, bytes):
-            raise SignatureChainMismatch(LINK_CHAIN, "signatures must be bytes or hex text")
-        decoded.append(item)
-    return decoded
+    return [_agent_bytes(item, "a signature") for item in signature_chain]
 
 
 def _recover_link(link: str, digest: bytes, signature: bytes) -> bytes:
@@ -215,20 +221,45 @@ def _recover_app_and_root(
     return app_pubkey, root_pubkey
 
 
+def _check_message_signature(algorithm: str, message: bytes, signature: bytes, pubkey: bytes) -> None:
+    """dstack's ``Verify`` for a ``Sign`` result: ``signature`` over ``message`` by ``pubkey``, or raise."""
+    if algorithm == "ed25519":
+        if len(pubkey) != 32:
+            raise SignatureChainMismatch(LINK_MESSAGE, "an ed25519 public key is 32 bytes")
+        try:
+            Ed25519PublicKey.from_public_bytes(pubkey).verify(signature, message)
+        except (InvalidSignature, ValueError):
+            raise SignatureChainMismatch(LINK_MESSAGE, _DOES_NOT_VERIFY) from None
+        return
+    digest = hashlib.sha256(message).digest() if algorithm == "secp256k1" else message
+    if len(signature) != 64:
+        raise SignatureChainMismatch(LINK_MESSAGE, f"a secp256k1 signature is 64 bytes (r ‖ s), got {len(signature)}")
+    try:
+        parsed = eth_keys.NonRecoverableSignature(signature_bytes=signature)
+        signer = eth_keys.PublicKey.from_compressed_bytes(pubkey)
+    except (BadSignature, EthKeysValidationError, ValueError) as exc:
+        raise SignatureChainMismatch(LINK_MESSAGE, f"malformed signature or public key: {exc}") from exc
+    # dstack's k256 accepts only low-s signatures; so do we, so that both agree on what is valid.
+    if parsed.s > _SECP256K1_HALF_ORDER or not signer.verify_msg_hash(digest, parsed):
+        raise SignatureChainMismatch(LINK_MESSAGE, _DOES_NOT_VERIFY)
+
+
 def recover_signature_chain(
     message: bytes,
     signature_chain: Sequence[bytes | str],
     *,
-    purpose: str,
+    message_pubkey: bytes | str,
     app_id: bytes,
+    purpose: str = "signing",
     algorithm: str = "secp256k1",
 ) -> ChainRoots:
-    """Recover the keys of a ``Sign`` signature chain (dstack.md §6) **without** judging them.
+    """Check a ``Sign`` result's message signature and recover the rest of its chain, **without** judging the root.
 
-    ``signature_chain`` is ``[message signature, app-key signature, KMS signature]``, as bytes or hex.
-    For ``algorithm="secp256k1"`` the message signature is over ``keccak256(message)``; for
-    ``"secp256k1_prehashed"`` ``message`` is the 32-byte digest itself. The result proves nothing until
-    its ``kms_root_pubkey`` is compared with a pinned root: use :func:`verify_signature_chain`.
+    ``signature_chain`` is ``[signature, app-key signature, KMS signature]`` and ``message_pubkey`` the
+    response's ``public_key`` (bytes or hex, as dstack-sdk's ``SignResponse`` carries them). ``purpose`` is
+    ``"signing"`` for dstack's ``Sign`` (the key at path ``vms``). For ``"secp256k1_prehashed"``,
+    ``message`` is the 32-byte digest that was signed. The result proves nothing until its
+    ``kms_root_pubkey`` is compared with a pinned root: use :func:`verify_signature_chain`.
     """
     if algorithm not in _SIGN_ALGORITHMS:
         raise ValueError(f"algorithm must be one of {_SIGN_ALGORITHMS}")
@@ -237,12 +268,10 @@ def recover_signature_chain(
     if algorithm == "secp256k1_prehashed" and len(message) != 32:
         raise ValueError("secp256k1_prehashed needs the 32-byte digest as message")
     message_signature, app_signature, kms_signature = _signatures(signature_chain, 3)
-    digest = keccak(message) if algorithm == "secp256k1" else message
-    message_pubkey = _recover_link(LINK_MESSAGE, digest, message_signature)
-    app_pubkey, root_pubkey = _recover_app_and_root(
-        message_pubkey.hex(), app_signature, kms_signature, purpose, app_id
-    )
-    return ChainRoots(message_pubkey=message_pubkey, app_pubkey=app_pubkey, kms_root_pubkey=root_pubkey)
+    pubkey = _agent_bytes(message_pubkey, "message_pubkey")
+    _check_message_signature(algorithm, message, message_signature, pubkey)
+    app_pubkey, root_pubkey = _recover_app_and_root(pubkey.hex(), app_signature, kms_signature, purpose, app_id)
+    return ChainRoots(message_pubkey=pubkey, app_pubkey=app_pubkey, kms_root_pubkey=root_pubkey)
 
 
 def _check_root(recovered_root: bytes, expected: str, hint: str) -> None:
@@ -257,31 +286,31 @@ def verify_signature_chain(
     message: bytes,
     signature_chain: Sequence[bytes | str],
     *,
-    purpose: str,
+    message_pubkey: bytes | str,
     app_id: bytes,
     expected_kms_root: bytes | str,
+    purpose: str = "signing",
     algorithm: str = "secp256k1",
-    expected_message_pubkey: bytes | None = None,
     expected_app_pubkey: bytes | None = None,
 ) -> None:
     """Check that ``message`` was signed by a key the pinned KMS root issued to ``app_id`` (dstack.md §6).
 
-    ``expected_kms_root`` is the pinned root: a 0x address, 20 address bytes or the 33-byte compressed key
-    (DstackKms ``kmsInfo.k256Pubkey``). Optionally pin the message key (the ``public_key`` a ``Sign``
-    response returns) and the app key, both 33-byte compressed, to learn exactly which link is wrong.
+    Arguments as :func:`recover_signature_chain`. ``expected_kms_root`` is the pinned root: a 0x address,
+    20 address bytes or the 33-byte compressed key (DstackKms ``kmsInfo.k256Pubkey``). Optionally pin the
+    app key (33-byte compressed) to learn whether a wrong chain broke at the app-key or the KMS link.
     Raises :class:`SignatureChainMismatch` naming the first wrong link, checked from the message up.
     """
     expected_root = _pinned_address(expected_kms_root, "expected_kms_root")
-    for pinned_key in (expected_message_pubkey, expected_app_pubkey):
-        if pinned_key is not None and (not isinstance(pinned_key, bytes) or len(pinned_key) != 33):
-            raise ValueError("expected_message_pubkey and expected_app_pubkey must be 33-byte compressed keys")
-    roots = recover_signature_chain(message, signature_chain, purpose=purpose, app_id=app_id, algorithm=algorithm)
-    if expected_message_pubkey is not None and roots.message_pubkey != expected_message_pubkey:
-        raise SignatureChainMismatch(LINK_MESSAGE, "not signed by the expected key (or the message differs)")
+    if expected_app_pubkey is not None and (
+        not isinstance(expected_app_pubkey, bytes) or len(expected_app_pubkey) != 33
+    ):
+        raise ValueError("expected_app_pubkey must be a 33-byte compressed key")
+    roots = recover_signature_chain(message, signature_chain, message_pubkey=message_pubkey, app_id=app_id,
+                                    purpose=purpose, algorithm=algorithm)
     if expected_app_pubkey is not None and roots.app_pubkey != expected_app_pubkey:
         raise SignatureChainMismatch(LINK_APP_KEY, "not signed by the expected app key (or the purpose differs)")
     if expected_app_pubkey is None:
-        hint = "a signature, the message, the purpose or the app_id differs"
+        hint = "the app-key or KMS signature, the public key, the purpose or the app_id differs"
     else:
         hint = "the KMS signature or the app_id differs"
     _check_root(roots.kms_root_pubkey, expected_root, hint)
@@ -305,12 +334,8 @@ def verify_get_key_response(
     if algorithm not in _GET_KEY_ALGORITHMS:
         raise ValueError(f"algorithm must be one of {_GET_KEY_ALGORITHMS}")
     expected_root = _pinned_address(expected_kms_root, "expected_kms_root")
-    if isinstance(key, str):
-        try:
-            key = bytes.fromhex(key.removeprefix("0x"))
-        except ValueError as exc:
-            raise SignatureChainMismatch(LINK_CHAIN, "the key is not valid hex") from exc
-    if not isinstance(key, bytes) or len(key) != 32:
+    key = _agent_bytes(key, "the key")
+    if len(key) != 32:
         raise SignatureChainMismatch(LINK_CHAIN, "the key must be 32 bytes")
     try:
         if algorithm == "secp256k1":

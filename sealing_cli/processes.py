@@ -50,7 +50,9 @@ class ManagedProcess:
         where = f" (see {log_path})" if log_path else ""
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServiceStartError(f"{self.name} exited with code {self.process.returncode} while starting{where}")
+                last = _last_line(log_path)
+                raise ServiceStartError(f"{self.name} exited with code {self.process.returncode} while starting"
+                                        f"{': ' + last if last else ''}{where}")
             if ready():
                 return
             time.sleep(0.05)
@@ -64,3 +66,11 @@ class ManagedProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+
+def _last_line(log_path: Path | None) -> str:
+    """The last non-empty line a failed service wrote: usually its `error:` line."""
+    if log_path is None or not log_path.exists():
+        return ""
+    lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""

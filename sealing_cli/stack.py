@@ -7,9 +7,11 @@ keystores, and it stops every child process it started on exit, Ctrl-C or error.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
+import socket
 import sys
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -220,6 +222,35 @@ class LocalStack:
         self.description.services["kms"].update(pid=self._kms.pid, url=url)
         self.description.save(self.state_dir)
         return meta
+
+    def start_cvm(self, app_compose: Path, *, name: str = "cvm") -> str:
+        """Boot a SIMULATED CVM for one app-compose.json: its guest agent measures the recipe, obtains the app
+        key from the KMS by attestation, and serves dstack's agent API on a Unix socket (the endpoint returned;
+        point dstack-sdk at it with DSTACK_SIMULATOR_ENDPOINT)."""
+        d = self.description
+        socket_path = self.state_dir / f"{name}.sock"
+        socket_path.unlink(missing_ok=True)
+
+        def answers() -> bool:
+            with socket.socket(socket.AF_UNIX) as probe:
+                try:
+                    probe.connect(str(socket_path))
+                except OSError:
+                    return False
+            return True
+
+        process = ManagedProcess(
+            name,
+            [sys.executable, "-m", "cvm.agent_sim", "--app-compose", str(app_compose), "--app-id", d.dstack_app,
+             "--socket", str(socket_path), "--state-dir", str(self.state_dir / "simulated-tdx"),
+             "--kms-url", d.services["kms"]["url"]],
+            ready=answers, log_path=self.state_dir / f"{name}.log",
+        )
+        self._exit.callback(process.stop)
+        d.services[name] = {"pid": process.pid, "endpoint": str(socket_path), "simulated": True,
+                            "compose_hash": hashlib.sha256(app_compose.read_bytes()).hexdigest()}
+        d.save(self.state_dir)
+        return str(socket_path)
 
     def stop(self) -> None:
         self._exit.close()

@@ -252,7 +252,8 @@ CANONICAL_MANIFEST = normalized_json_bytes(make_manifest().model_dump(mode="json
     ],
     ids=[
         "not utf-8", "not json", "duplicate key", "not an object", "public logs", "kms_enabled as 1", "bash runner",
-        "allowed envs", "no key provider", "pre-launch script", "init script", "yaml not a string", "bad yaml", "no manifest config", "not mounted",
+        "allowed envs", "no key provider", "pre-launch script", "init script", "yaml not a string", "bad yaml",
+        "no manifest config", "not mounted",
         "manifest not json", "manifest extra field", "manifest duplicate key", "manifest not normalised",
         "epsilon as a string",
     ],
@@ -276,6 +277,14 @@ def test_manifest_normalises_addresses_and_digests():
     assert study_input.owner_bytes == bytes.fromhex(OWNER_A[2:])
     assert study_input.ciphertext_sha256 == "ab" * 32
     assert make_manifest().version == "sealroom-study/v1"
+
+
+def test_manifest_inputs_may_omit_their_ciphertext():
+    # Data sealed to a recipe cannot be named by ciphertext inside that recipe (the ciphertext binds the hash).
+    unnamed = make_manifest(inputs=[StudyInput(owner=OWNER_A, name="a"), StudyInput(owner=OWNER_B, name="b")])
+    assert [item.ciphertext_sha256 for item in unnamed.inputs] == [None, None]
+    assert manifest_from_app_compose(build_bytes(unnamed)) == unnamed
+    assert compose_hash(build_bytes(unnamed)) != compose_hash(build_bytes())
 
 
 def _input(**changes):
@@ -303,8 +312,9 @@ def _input(**changes):
         ({"inputs": [_input(owner=OWNER_A.replace("C8", "c8"))]}, "wrong EIP-55 checksum"),
         ({"inputs": [_input(ciphertext_sha256="0x" + "aa" * 31)]}, "64 hex digits"),
         ({"inputs": [_input(name="")]}, "at least 1 character"),
-        ({"inputs": [_input(), _input(name="again")]}, "same ciphertext is listed twice"),
-        ({"inputs": [_input(), _input(ciphertext_sha256="bb" * 32)]}, "input names must be distinct"),
+        ({"inputs": [_input(), _input(owner=OWNER_B)]}, "two inputs have the same name"),
+        ({"inputs": [_input(), _input(name="again", ciphertext_sha256="bb" * 32)]}, "two inputs have the same owner"),
+        ({"inputs": [_input(), _input(owner=OWNER_B, name="b")]}, "two inputs have the same ciphertext_sha256"),
         ({"inputs": [_input(extra=True)]}, "Extra inputs are not permitted"),
         ({"analysis": {"kind": "sql", "params": {}}}, "kind"),
         ({"analysis": {"kind": "dp_sgd", "params": {"lr": float("nan")}}}, "params.lr must be finite"),

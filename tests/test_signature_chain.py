@@ -1,11 +1,14 @@
 """kms_client/verify.py: owner sealing keys and dstack signature chains, each check from both sides.
 
-Chains are built here the way dstack's guest agent builds them (GetKey: HKDF of the app key over the path,
-the app key signs "{purpose}:{pubkey hex}"; Sign: path "vms", purpose "signing"), signing with coincurve
-directly, with the app key and the KMS signature issued by kms.keys.
+Chains are built here the way dstack's guest agent builds them (guest-agent/src/rpc_service.rs — GetKey:
+HKDF of the app key over the path, the app key signs keccak256("{purpose}:{pubkey hex}"); Sign: the key at
+path "vms", purpose "signing", secp256k1 over sha256(data)), signing with coincurve and cryptography
+directly; the app key and the KMS signature are issued by kms.keys.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import coincurve
 import pytest
@@ -48,36 +51,45 @@ COMPOSE_HASH = b"\x33" * 32
 OWNER = b"\x44" * 20
 NOW = 1_700_000_000
 MESSAGE = b"sealroom aggregate: mean age 51.3 (simulated)"
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 
 # --- an agent, as dstack's guest agent signs ------------------------------------------------------------------
 
 
-def _sign(private_key: bytes, digest: bytes) -> bytes:
+def _sign_recoverable(private_key: bytes, digest: bytes) -> bytes:
     return coincurve.PrivateKey(private_key).sign_recoverable(digest, hasher=None)
 
 
 def agent_get_key(root: RootKeys, app_id: bytes, path: str, purpose: str, algorithm: str = "secp256k1"):
+    """GetKey: (key, [app-key signature, KMS signature])."""
     app_key = derive_app_key(root, app_id)
     key = hkdf_derive(app_key, [path.encode()])
     if algorithm == "secp256k1":
         pubkey = k256_public_key_compressed(key)
     else:
         pubkey = Ed25519PrivateKey.from_private_bytes(key).public_key().public_bytes_raw()
-    app_signature = _sign(app_key, keccak(f"{purpose}:{pubkey.hex()}".encode()))
+    app_signature = _sign_recoverable(app_key, keccak(f"{purpose}:{pubkey.hex()}".encode()))
     kms_signature = sign_app_key(root, app_id, k256_public_key_compressed(app_key))
     return key, [app_signature, kms_signature]
 
 
 def agent_sign(root: RootKeys, app_id: bytes, data: bytes, algorithm: str = "secp256k1"):
-    key, chain = agent_get_key(root, app_id, "vms", "signing")
-    digest = keccak(data) if algorithm == "secp256k1" else data
-    return key, [_sign(key, digest), *chain]
+    """Sign: (public_key, [signature, app-key signature, KMS signature]); key at path "vms", purpose "signing".
+
+    secp256k1 is low-s r ‖ s over sha256(data) (libsecp256k1 signs low-s), prehashed over data itself.
+    """
+    key_algorithm = "ed25519" if algorithm == "ed25519" else "secp256k1"
+    key, chain = agent_get_key(root, app_id, "vms", "signing", key_algorithm)
+    if algorithm == "ed25519":
+        signer = Ed25519PrivateKey.from_private_bytes(key)
+        return signer.public_key().public_bytes_raw(), [signer.sign(data), *chain]
+    digest = hashlib.sha256(data).digest() if algorithm == "secp256k1" else data
+    return k256_public_key_compressed(key), [_sign_recoverable(key, digest)[:64], *chain]
 
 
-def expected_keys(root: RootKeys = ROOT, app_id: bytes = APP_ID):
-    key, _ = agent_get_key(root, app_id, "vms", "signing")
-    return k256_public_key_compressed(key), k256_public_key_compressed(derive_app_key(root, app_id))
+APP_PUBKEY = k256_public_key_compressed(derive_app_key(ROOT, APP_ID))
+OTHER_PUBKEY = k256_public_key_compressed(b"\x07" * 32)
 
 
 def flip(signature: bytes, index: int = 40) -> bytes:
@@ -194,11 +206,17 @@ def test_owner_seal_pubkey_caller_mistakes(kwargs, error, match):
 # --- Sign chains: success -----------------------------------------------------------------------------------
 
 
-def test_sign_chain_recovers_message_app_and_root_keys():
-    _, chain = agent_sign(ROOT, APP_ID, MESSAGE)
-    message_pubkey, app_pubkey = expected_keys()
-    roots = recover_signature_chain(MESSAGE, chain, purpose="signing", app_id=APP_ID)
-    assert roots == ChainRoots(message_pubkey=message_pubkey, app_pubkey=app_pubkey,
+def verify_sign(message, pubkey, chain, **kwargs):
+    arguments = dict(message_pubkey=pubkey, app_id=APP_ID, expected_kms_root=ROOT.root_address)
+    arguments.update(kwargs)
+    verify_signature_chain(message, chain, **arguments)
+
+
+@pytest.mark.parametrize("algorithm", ["secp256k1", "ed25519"])
+def test_sign_chain_recovers_message_app_and_root_keys(algorithm):
+    pubkey, chain = agent_sign(ROOT, APP_ID, MESSAGE, algorithm)
+    roots = recover_signature_chain(MESSAGE, chain, message_pubkey=pubkey, app_id=APP_ID, algorithm=algorithm)
+    assert roots == ChainRoots(message_pubkey=pubkey, app_pubkey=APP_PUBKEY,
                                kms_root_pubkey=ROOT.root_public_key_compressed)
     assert roots.kms_root_address == ROOT.root_address
 
@@ -208,108 +226,139 @@ def test_sign_chain_recovers_message_app_and_root_keys():
     ids=["address", "address bytes", "compressed public key"],
 )
 def test_sign_chain_verifies_against_the_pinned_root(pinned):
-    _, chain = agent_sign(ROOT, APP_ID, MESSAGE)
-    message_pubkey, app_pubkey = expected_keys()
-    verify_signature_chain(MESSAGE, chain, purpose="signing", app_id=APP_ID, expected_kms_root=pinned)
-    verify_signature_chain(MESSAGE, chain, purpose="signing", app_id=APP_ID, expected_kms_root=pinned,
-                           expected_message_pubkey=message_pubkey, expected_app_pubkey=app_pubkey)
+    pubkey, chain = agent_sign(ROOT, APP_ID, MESSAGE)
+    verify_sign(MESSAGE, pubkey, chain, expected_kms_root=pinned)
+    verify_sign(MESSAGE, pubkey, chain, expected_kms_root=pinned, expected_app_pubkey=APP_PUBKEY)
 
 
-def test_sign_chain_as_dstack_sdk_returns_it_in_hex():
-    key, chain = agent_sign(ROOT, APP_ID, MESSAGE)
+@pytest.mark.parametrize("algorithm", ["secp256k1", "secp256k1_prehashed", "ed25519"])
+def test_sign_chain_as_dstack_sdk_returns_it_in_hex(algorithm):
+    data = hashlib.sha256(MESSAGE).digest() if algorithm == "secp256k1_prehashed" else MESSAGE
+    pubkey, chain = agent_sign(ROOT, APP_ID, data, algorithm)
     response = SignResponse(signature=chain[0].hex(), signature_chain=[s.hex() for s in chain],
-                            public_key=k256_public_key_compressed(key).hex())
-    verify_signature_chain(MESSAGE, response.signature_chain, purpose="signing", app_id=APP_ID,
-                           expected_kms_root=ROOT.root_address, expected_message_pubkey=response.decode_public_key())
-    verify_signature_chain(MESSAGE, ["0x" + s for s in response.signature_chain], purpose="signing", app_id=APP_ID,
-                           expected_kms_root=ROOT.root_address)
+                            public_key=pubkey.hex())
+    verify_sign(data, response.public_key, response.signature_chain, algorithm=algorithm)
+    verify_sign(data, "0x" + response.public_key, ["0x" + s for s in response.signature_chain], algorithm=algorithm)
 
 
-def test_prehashed_sign_chain_verifies():
-    digest = keccak(b"any 32-byte digest the caller computed")
-    _, chain = agent_sign(ROOT, APP_ID, digest, algorithm="secp256k1_prehashed")
-    verify_signature_chain(digest, chain, purpose="signing", app_id=APP_ID, expected_kms_root=ROOT.root_address,
-                           algorithm="secp256k1_prehashed")
-    with pytest.raises(SignatureChainMismatch):  # the same chain read as "sign keccak(message)" does not verify
-        verify_signature_chain(digest, chain, purpose="signing", app_id=APP_ID, expected_kms_root=ROOT.root_address)
+def test_secp256k1_message_digest_is_sha256_as_in_dstack():
+    # A signature over keccak256(message) (the Ethereum habit) is not dstack's Sign and does not verify.
+    pubkey, chain = agent_sign(ROOT, APP_ID, keccak(MESSAGE), "secp256k1_prehashed")
+    with pytest.raises(SignatureChainMismatch, match="does not verify") as caught:
+        verify_sign(MESSAGE, pubkey, chain)
+    assert caught.value.link == LINK_MESSAGE
+    # A prehashed signature is over the digest itself, not over sha256(digest).
+    digest = hashlib.sha256(b"some digest").digest()
+    pubkey, chain = agent_sign(ROOT, APP_ID, digest, "secp256k1_prehashed")
+    with pytest.raises(SignatureChainMismatch, match="does not verify"):
+        verify_sign(digest, pubkey, chain, algorithm="secp256k1")
+
+
+def test_high_s_message_signature_is_refused_as_dstack_does():
+    pubkey, chain = agent_sign(ROOT, APP_ID, MESSAGE)
+    r, s_value = int.from_bytes(chain[0][:32], "big"), int.from_bytes(chain[0][32:], "big")
+    chain[0] = r.to_bytes(32, "big") + (SECP256K1_N - s_value).to_bytes(32, "big")  # same signature, high s
+    with pytest.raises(SignatureChainMismatch, match="does not verify") as caught:
+        verify_sign(MESSAGE, pubkey, chain)
+    assert caught.value.link == LINK_MESSAGE
 
 
 # --- Sign chains: each link fails at the right link ------------------------------------------------------------
 
-
-def _chain_with(position: int, signature: bytes) -> list[bytes]:
-    _, chain = agent_sign(ROOT, APP_ID, MESSAGE)
-    chain[position] = signature(chain[position]) if callable(signature) else signature
-    return chain
-
-
+# name: (what to change, link named with the app key pinned, link named with only the root pinned)
 TAMPERED_SIGN_CASES = {
-    # name: (message, chain, purpose, app_id, pinned root, link named with all keys pinned)
-    "message changed": (MESSAGE + b"!", None, "signing", APP_ID, ROOT.root_address, LINK_MESSAGE),
-    "message signature": (MESSAGE, ("msg", flip), "signing", APP_ID, ROOT.root_address, LINK_MESSAGE),
-    "app-key signature": (MESSAGE, ("app", flip), "signing", APP_ID, ROOT.root_address, LINK_APP_KEY),
-    "purpose": (MESSAGE, None, "ethereum", APP_ID, ROOT.root_address, LINK_APP_KEY),
-    "kms signature": (MESSAGE, ("kms", flip), "signing", APP_ID, ROOT.root_address, LINK_KMS),
-    "app id": (MESSAGE, None, "signing", OTHER_APP_ID, ROOT.root_address, LINK_KMS),
-    "pinned root": (MESSAGE, None, "signing", APP_ID, OTHER_ROOT.root_address, LINK_KMS),
+    "message changed": ({"message": MESSAGE + b"!"}, LINK_MESSAGE, LINK_MESSAGE),
+    "message signature": ({0: flip}, LINK_MESSAGE, LINK_MESSAGE),
+    "another public key": ({"message_pubkey": OTHER_PUBKEY}, LINK_MESSAGE, LINK_MESSAGE),
+    "app-key signature": ({1: flip}, LINK_APP_KEY, LINK_KMS),
+    "purpose": ({"purpose": "ethereum"}, LINK_APP_KEY, LINK_KMS),
+    "kms signature": ({2: flip}, LINK_KMS, LINK_KMS),
+    "app id": ({"app_id": OTHER_APP_ID}, LINK_KMS, LINK_KMS),
+    "pinned root": ({"expected_kms_root": OTHER_ROOT.root_address}, LINK_KMS, LINK_KMS),
 }
-_POSITION = {"msg": 0, "app": 1, "kms": 2}
 
 
-def _tampered(name):
-    message, change, purpose, app_id, pinned, link = TAMPERED_SIGN_CASES[name]
-    _, chain = agent_sign(ROOT, APP_ID, MESSAGE)
-    if change is not None:
-        position = _POSITION[change[0]]
-        chain[position] = change[1](chain[position])
-    return message, chain, purpose, app_id, pinned, link
+def _tampered_sign(changes):
+    pubkey, chain = agent_sign(ROOT, APP_ID, MESSAGE)
+    arguments = dict(message=MESSAGE, message_pubkey=pubkey, purpose="signing", app_id=APP_ID,
+                     expected_kms_root=ROOT.root_address)
+    for name, change in changes.items():
+        if isinstance(name, int):
+            chain[name] = change(chain[name])
+        else:
+            arguments[name] = change
+    return arguments.pop("message"), chain, arguments
 
 
 @pytest.mark.parametrize("name", list(TAMPERED_SIGN_CASES))
-def test_tampered_sign_chain_fails_at_the_right_link_when_keys_are_pinned(name):
-    message, chain, purpose, app_id, pinned, link = _tampered(name)
-    message_pubkey, app_pubkey = expected_keys()
+def test_tampered_sign_chain_fails_at_the_right_link_with_the_app_key_pinned(name):
+    changes, link, _ = TAMPERED_SIGN_CASES[name]
+    message, chain, arguments = _tampered_sign(changes)
     with pytest.raises(SignatureChainMismatch) as caught:
-        verify_signature_chain(message, chain, purpose=purpose, app_id=app_id, expected_kms_root=pinned,
-                               expected_message_pubkey=message_pubkey, expected_app_pubkey=app_pubkey)
+        verify_signature_chain(message, chain, expected_app_pubkey=APP_PUBKEY, **arguments)
     assert caught.value.link == link
     assert str(caught.value).startswith(f"{link} link: ")
 
 
 @pytest.mark.parametrize("name", list(TAMPERED_SIGN_CASES))
-def test_tampered_sign_chain_never_reaches_the_pinned_root(name):
-    # With only the root pinned, recovery yields other keys and the mismatch shows at the root.
-    message, chain, purpose, app_id, pinned, _ = _tampered(name)
-    with pytest.raises(SignatureChainMismatch, match="not the pinned KMS root") as caught:
-        verify_signature_chain(message, chain, purpose=purpose, app_id=app_id, expected_kms_root=pinned)
-    assert caught.value.link == LINK_KMS
+def test_tampered_sign_chain_fails_with_only_the_root_pinned(name):
+    changes, _, link = TAMPERED_SIGN_CASES[name]
+    message, chain, arguments = _tampered_sign(changes)
+    with pytest.raises(SignatureChainMismatch) as caught:
+        verify_signature_chain(message, chain, **arguments)
+    assert caught.value.link == link
+    if link == LINK_KMS:
+        assert "not the pinned KMS root" in str(caught.value)
 
 
 @pytest.mark.parametrize(
-    "position, link", [(0, LINK_MESSAGE), (1, LINK_APP_KEY), (2, LINK_KMS)], ids=["message", "app-key", "kms"]
+    "position, malform, link, match",
+    [
+        (0, lambda s: s + b"\x00", LINK_MESSAGE, "64 bytes"),
+        (0, lambda s: b"\xff" * 64, LINK_MESSAGE, "malformed signature or public key"),
+        (0, lambda s: b"\x00" * 64, LINK_MESSAGE, "does not verify"),
+        (1, lambda s: with_v(s, 2), LINK_APP_KEY, "malformed signature"),
+        (1, lambda s: s[:64], LINK_APP_KEY, "must be 65 bytes"),
+        (1, lambda s: b"\x00" * 65, LINK_APP_KEY, "malformed signature"),
+        (2, lambda s: with_v(s, 27), LINK_KMS, "malformed signature"),
+        (2, lambda s: s[:64], LINK_KMS, "must be 65 bytes"),
+        (2, lambda s: b"\x00" * 65, LINK_KMS, "malformed signature"),
+    ],
+    ids=["message 65 bytes", "message r,s out of range", "message zero", "app v=2", "app 64 bytes", "app zero",
+         "kms v=27", "kms 64 bytes", "kms zero"],
 )
-@pytest.mark.parametrize(
-    "malform, match",
-    [(lambda s: with_v(s, 2), "malformed signature"), (lambda s: s[:64], "must be 65 bytes"),
-     (lambda s: b"\x00" * 65, "malformed signature")],
-    ids=["v=2", "64 bytes", "zero r and s"],
-)
-def test_malformed_signature_is_named_at_its_link(position, link, malform, match):
-    chain = _chain_with(position, malform)
+def test_malformed_signature_is_named_at_its_link(position, malform, link, match):
+    message, chain, arguments = _tampered_sign({position: malform})
     with pytest.raises(SignatureChainMismatch, match=match) as caught:
-        verify_signature_chain(MESSAGE, chain, purpose="signing", app_id=APP_ID, expected_kms_root=ROOT.root_address)
+        verify_signature_chain(message, chain, **arguments)
+    assert caught.value.link == link
+
+
+@pytest.mark.parametrize(
+    "pubkey, algorithm, link, match",
+    [
+        ("zz", "secp256k1", LINK_CHAIN, "message_pubkey is not valid hex"),
+        (7, "secp256k1", LINK_CHAIN, "message_pubkey must be bytes or hex text"),
+        (b"\x02" + b"\xff" * 32, "secp256k1", LINK_MESSAGE, "malformed signature or public key"),
+        (APP_PUBKEY, "ed25519", LINK_MESSAGE, "an ed25519 public key is 32 bytes"),
+    ],
+)
+def test_malformed_message_pubkey_is_refused(pubkey, algorithm, link, match):
+    _, chain = agent_sign(ROOT, APP_ID, MESSAGE, algorithm)
+    with pytest.raises(SignatureChainMismatch, match=match) as caught:
+        verify_sign(MESSAGE, pubkey, chain, algorithm=algorithm)
     assert caught.value.link == link
 
 
 @settings(max_examples=150, deadline=None)
 @given(position=st.integers(0, 2), index=st.integers(0, 64), bit=st.integers(0, 7))
 def test_any_bit_flip_in_the_chain_is_refused(position, index, bit):
-    _, chain = agent_sign(ROOT, APP_ID, MESSAGE)
+    pubkey, chain = agent_sign(ROOT, APP_ID, MESSAGE)
     flipped = bytearray(chain[position])
-    flipped[index] ^= 1 << bit
+    flipped[index % len(flipped)] ^= 1 << bit
     chain[position] = bytes(flipped)
     with pytest.raises(SignatureChainMismatch):
-        verify_signature_chain(MESSAGE, chain, purpose="signing", app_id=APP_ID, expected_kms_root=ROOT.root_address)
+        verify_sign(MESSAGE, pubkey, chain)
 
 
 @pytest.mark.parametrize(
@@ -318,34 +367,33 @@ def test_any_bit_flip_in_the_chain_is_refused(position, index, bit):
         (lambda c: c[:2], "expected a list of 3 signatures"),
         (lambda c: [*c, c[0]], "expected a list of 3 signatures"),
         (lambda c: b"".join(c), "expected a list of 3 signatures"),
-        (lambda c: [c[0].hex(), "zz", c[2].hex()], "not valid hex"),
-        (lambda c: [c[0], 7, c[2]], "bytes or hex text"),
+        (lambda c: [c[0].hex(), "zz", c[2].hex()], "a signature is not valid hex"),
+        (lambda c: [c[0], 7, c[2]], "a signature must be bytes or hex text"),
     ],
 )
 def test_malformed_chain_shape_is_refused(chain, match):
-    _, good = agent_sign(ROOT, APP_ID, MESSAGE)
+    pubkey, good = agent_sign(ROOT, APP_ID, MESSAGE)
     with pytest.raises(SignatureChainMismatch, match=match) as caught:
-        verify_signature_chain(MESSAGE, chain(good), purpose="signing", app_id=APP_ID,
-                               expected_kms_root=ROOT.root_address)
+        verify_sign(MESSAGE, pubkey, chain(good))
     assert caught.value.link == LINK_CHAIN
 
 
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"algorithm": "ed25519"}, ValueError, "algorithm must be one of"),
+        ({"algorithm": "rsa"}, ValueError, "algorithm must be one of"),
         ({"algorithm": "secp256k1_prehashed"}, ValueError, "32-byte digest"),
         ({"app_id": APP_ID + b"\x00"}, ValueError, "app_id must be 20 bytes"),
         ({"message": MESSAGE.decode()}, TypeError, "message must be bytes"),
         ({"purpose": b"signing"}, TypeError, "purpose must be a string"),
         ({"expected_kms_root": "not an address"}, ValueError, "0x-prefixed 20-byte address"),
-        ({"expected_message_pubkey": b"\x02" * 32}, ValueError, "must be 33-byte compressed keys"),
-        ({"expected_app_pubkey": "02" * 33}, ValueError, "must be 33-byte compressed keys"),
+        ({"expected_app_pubkey": APP_PUBKEY[:32]}, ValueError, "expected_app_pubkey must be a 33-byte"),
+        ({"expected_app_pubkey": APP_PUBKEY.hex()}, ValueError, "expected_app_pubkey must be a 33-byte"),
     ],
 )
 def test_sign_chain_caller_mistakes(kwargs, error, match):
-    _, chain = agent_sign(ROOT, APP_ID, MESSAGE)
-    arguments = dict(message=MESSAGE, purpose="signing", app_id=APP_ID, expected_kms_root=ROOT.root_address)
+    pubkey, chain = agent_sign(ROOT, APP_ID, MESSAGE)
+    arguments = dict(message=MESSAGE, message_pubkey=pubkey, app_id=APP_ID, expected_kms_root=ROOT.root_address)
     arguments.update(kwargs)
     message = arguments.pop("message")
     with pytest.raises(error, match=match):
@@ -419,8 +467,8 @@ def test_errors_form_one_tree():
 
 def test_public_surface():
     assert set(verify.__all__) == {
-        "MAX_CLOCK_SKEW_S", "LINK_CHAIN", "LINK_MESSAGE", "LINK_APP_KEY", "LINK_KMS", "KmsClientError", "UntrustedKmsKey",
-        "SignatureChainMismatch", "ChainRoots", "verify_owner_seal_pubkey", "recover_signature_chain",
+        "MAX_CLOCK_SKEW_S", "LINK_CHAIN", "LINK_MESSAGE", "LINK_APP_KEY", "LINK_KMS", "KmsClientError",
+        "UntrustedKmsKey", "SignatureChainMismatch", "ChainRoots", "verify_owner_seal_pubkey", "recover_signature_chain",
         "verify_signature_chain", "verify_get_key_response",
     }
     assert all(hasattr(verify, name) for name in verify.__all__)

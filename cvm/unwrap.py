@@ -1,0 +1,112 @@
+"""Opening the study's sealed inputs inside the CVM — in memory only (DESIGN §6 step 4).
+
+`unwrap_datasets()` is the one recipe the analysis calls. It talks to the guest agent only through dstack-sdk
+(`DstackClient`), so the same code runs against the SIMULATED agent here and a real dstack agent in a real CVM.
+
+In order, for the whole study (so a bad input costs no privacy budget):
+1. the recipe this CVM is measured as: `info()` gives app-compose.json verbatim; its sha256 must be the measured
+   compose hash, and the study manifest is read from it;
+2. every sealed file: owner signature valid, sealed for this app and this compose hash
+   (else `SealedForAnotherRecipe`), its owner an owner of the on-chain DstackApp and an input of the manifest
+   (and its ciphertext the manifest's, where the manifest names one);
+3. one attested release from the KMS of the consenting owners' unwrap keys (it spends the study's ε on-chain);
+4. each file decrypted chunk by chunk into memory, never to disk;
+5. the ciphertext digests actually opened are measured into RTMR3 (`sealroom-inputs`), so every later quote —
+   the one in the result's receipt included — says exactly which data went in.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from dstack_sdk import DstackClient
+from eth_utils import to_checksum_address
+
+from compose.app_compose import compose_hash as hash_app_compose
+from compose.app_compose import manifest_from_app_compose
+from compose.manifest import StudyManifest
+from contracts.chain import Chain, DstackApp
+from kms_client.client import KmsClient, OwnerKeyRelease
+from sealing_cli._sealed_errors import SealedFileError, SealedForAnotherRecipe
+from sealing_cli._sealed_file import OpenedDataset, open_sealed, read_envelope
+
+INPUTS_EVENT = "sealroom-inputs"
+
+
+class UnwrapError(Exception):
+    """An input cannot be used by this study (the message says which and why)."""
+
+
+@dataclass
+class StudyInputs:
+    manifest: StudyManifest
+    app_compose: bytes
+    app_id: bytes
+    compose_hash: bytes
+    datasets: dict[str, OpenedDataset]          # by manifest input name
+    ciphertext_sha256: dict[str, str]           # by manifest input name
+    release: OwnerKeyRelease
+
+
+def measured_recipe(dstack: DstackClient) -> tuple[bytes, bytes, bytes]:
+    """(app_id, compose_hash, app-compose.json bytes) as this CVM is measured."""
+    info = dstack.info()
+    app_compose = info.tcb_info.app_compose.encode()
+    compose_hash = bytes.fromhex(info.compose_hash)
+    if hash_app_compose(app_compose) != compose_hash:
+        raise UnwrapError("the agent's app-compose.json does not hash to the measured compose hash")
+    return bytes.fromhex(info.app_id), compose_hash, app_compose
+
+
+def unwrap_datasets(sealed_files: Sequence[Path], *, dstack: DstackClient, kms: KmsClient,
+                    chain: Chain) -> StudyInputs:
+    app_id, compose_hash, app_compose = measured_recipe(dstack)
+    manifest = manifest_from_app_compose(app_compose)
+    owners_on_chain = set(DstackApp(chain, to_checksum_address(app_id)).owners())
+    by_owner = {item.owner: item for item in manifest.inputs}
+    chosen: dict[str, Path] = {}
+    for path in sealed_files:
+        try:
+            envelope = read_envelope(path)
+        except SealedFileError as exc:
+            raise UnwrapError(f"{path.name}: {exc}") from None
+        header = envelope.header
+        owner = to_checksum_address(header.owner)
+        if header.app_id != app_id or header.compose_hash != compose_hash:
+            raise SealedForAnotherRecipe(
+                f"{path.name} was sealed for another recipe (compose hash {header.compose_hash.hex()}); this CVM "
+                f"is measured as {compose_hash.hex()}: the owner must seal it again for this recipe"
+            )
+        if owner not in owners_on_chain:
+            raise UnwrapError(f"{path.name} is signed by {owner}, who is not an owner of the study's DstackApp")
+        item = by_owner.get(owner)
+        if item is None:
+            raise UnwrapError(f"{path.name}: owner {owner} is not an input of the study manifest")
+        if item.ciphertext_sha256 and item.ciphertext_sha256 != envelope.ciphertext_sha256.hex():
+            raise UnwrapError(f"{path.name} is not the ciphertext the manifest names for input {item.name!r}")
+        if item.name in chosen:
+            raise UnwrapError(f"two sealed files given for input {item.name!r}")
+        chosen[item.name] = path
+    missing = sorted({item.name for item in manifest.inputs} - set(chosen))
+    if missing:
+        raise UnwrapError(f"no sealed file given for input(s): {', '.join(missing)}")
+
+    def attest(report_data: bytes) -> tuple[bytes, str]:
+        quote = dstack.get_quote(report_data)
+        return bytes.fromhex(quote.quote), quote.event_log
+
+    release = kms.release_owner_keys(attest, app_compose)
+    datasets, digests = {}, {}
+    for item in manifest.inputs:
+        path = chosen[item.name]
+        datasets[item.name] = open_sealed(path, release.keys[item.owner], expected_app_id=app_id,
+                                          expected_compose_hash=compose_hash)
+        digests[item.name] = datasets[item.name].envelope.ciphertext_sha256.hex()
+    inputs_record = json.dumps(digests, sort_keys=True, separators=(",", ":")).encode()
+    dstack.emit_event(INPUTS_EVENT, inputs_record)
+    return StudyInputs(manifest=manifest, app_compose=app_compose, app_id=app_id, compose_hash=compose_hash,
+                       datasets=datasets, ciphertext_sha256=digests, release=release)
+
