@@ -353,6 +353,13 @@ class DstackApp:
             approvers=tuple(map(to_checksum_address, self._view("approvers", h))), uri=uri,
         )
 
+    def approval_events(self, compose_hash: bytes | str, *, to_block: int | str = "latest") -> list[dict]:
+        """Who approved, in which transaction and block: the on-chain consent evidence for a receipt."""
+        logs = self.contract.events.ComposeHashApproved().get_logs(
+            argument_filters={"composeHash": _hash32(compose_hash)}, from_block=0, to_block=to_block)
+        return [{"owner": log["args"]["owner"], "approvals": log["args"]["approvals"],
+                 "tx": "0x" + log["transactionHash"].hex(), "block": log["blockNumber"]} for log in logs]
+
     def budget(self) -> BudgetStatus:
         return BudgetStatus(budget_micro=self._view("epsilonBudget"),
                             spent_micro=self._view("epsilonSpent"))

@@ -1,0 +1,95 @@
+"""The Sign-RPC envelope a result leaves the CVM in, and `attestation.json`, the receipt auditors check (DESIGN §6).
+
+The envelope (format `sealroom-result/v1`) is public JSON: the gated payload and its digest, the recipe (app_id,
+compose_hash), the chain and contracts, ε spent and left, the inputs' ciphertext digests and the KMS release.
+
+    envelope_digest = sha256(b"sealroom-result/v1:" ‖ normalised JSON of the envelope)
+
+The digest is bound twice, by two independent roots:
+- signed through the guest agent's `Sign` (secp256k1, key at path "vms", purpose "signing") — its signature
+  chain leads to the KMS root registered in DstackKms;
+- put into a fresh quote as report_data (the 32 bytes, zero-padded to 64), whose event log proves the recipe.
+
+`attestation.json` (format `sealroom-attestation/v1`) carries the envelope verbatim plus everything needed to
+re-derive each link from raw evidence: quote, event log, app-compose.json verbatim, signature and chain, the
+on-chain approvals and the release transaction. Nothing in it is trusted because the project says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from dstack_sdk import DstackClient
+
+from compose.app_compose import normalized_json_bytes
+
+RESULT_FORMAT = "sealroom-result/v1"
+ATTESTATION_FORMAT = "sealroom-attestation/v1"
+SIGN_ALGORITHM = "secp256k1"
+SIGN_PURPOSE = "signing"      # dstack's Sign uses the key at path "vms" with this purpose
+
+
+def envelope_digest(envelope: dict[str, Any]) -> bytes:
+    return hashlib.sha256(RESULT_FORMAT.encode() + b":" + normalized_json_bytes(envelope)).digest()
+
+
+@dataclass(frozen=True)
+class ChainEvidence:
+    """Where the study lives on-chain and what the chain said at run time."""
+
+    chain_id: int
+    dstack_app: str
+    dstack_kms: str
+    kms_root_address: str
+    block: int
+    approvals: list[dict]
+
+
+def build_envelope(*, payload: dict[str, Any], app_id: bytes, compose_hash: bytes, chain: ChainEvidence,
+                   epsilon_spent: float, epsilon_remaining: float, inputs: dict[str, dict[str, str]],
+                   release: dict[str, Any], simulated: bool) -> dict[str, Any]:
+    return {
+        "format": RESULT_FORMAT,
+        "simulated": simulated,
+        "output_type": payload["output_type"],
+        "payload": payload,
+        "payload_sha256": hashlib.sha256(normalized_json_bytes(payload)).hexdigest(),
+        "app_id": "0x" + app_id.hex(),
+        "compose_hash": compose_hash.hex(),
+        "chain_id": chain.chain_id,
+        "dstack_app": chain.dstack_app,
+        "dstack_kms": chain.dstack_kms,
+        "epsilon_spent": epsilon_spent,
+        "epsilon_remaining": epsilon_remaining,
+        "inputs": inputs,
+        "release": release,
+    }
+
+
+def sign_and_attest(envelope: dict[str, Any], *, dstack: DstackClient, app_compose: bytes,
+                    chain: ChainEvidence) -> dict[str, Any]:
+    """Sign the envelope through the guest agent, quote over its digest, and gather attestation.json."""
+    digest = envelope_digest(envelope)
+    signed = dstack.sign(SIGN_ALGORITHM, digest)
+    quote = dstack.get_quote(digest)
+    return {
+        "format": ATTESTATION_FORMAT,
+        "simulated": envelope["simulated"],
+        "envelope": envelope,
+        "envelope_digest": digest.hex(),
+        "signature": {"algorithm": SIGN_ALGORITHM, "purpose": SIGN_PURPOSE, "signature": signed.signature,
+                      "public_key": signed.public_key, "signature_chain": list(signed.signature_chain)},
+        "quote": quote.quote,
+        "event_log": quote.event_log,
+        "app_compose": app_compose.decode(),
+        "chain": {"chain_id": chain.chain_id, "dstack_app": chain.dstack_app, "dstack_kms": chain.dstack_kms,
+                  "kms_root_address": chain.kms_root_address, "block": chain.block, "approvals": chain.approvals},
+        "collateral": None,
+    }
+
+
+def write_attestation(attestation: dict[str, Any], path) -> None:
+    path.write_text(json.dumps(attestation, indent=1, sort_keys=True) + "\n")
