@@ -1,21 +1,34 @@
 """The demo study, run by `make demo` / `seal demo` on the embedded local stack.
 
-Every step a person would take is a real `seal` invocation (shown with a `$` prompt) against a real anvil chain.
+Five owners (EU-West, EU-North, US-East, APAC, CH) hold synthetic cardio-renal cohorts with a known ground-truth
+risk model (1.6 million rows; `--small`: 50,000). They co-approve one recipe 5-of-5 on a real anvil chain, seal their
+cohorts to it, and a SIMULATED CVM trains the risk model with DP-SGD at ε = 1.5. Only the signed model leaves.
+Every step an owner takes is a real `seal` invocation, shown with a `$` prompt.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.rule import Rule
 
+from sealing_cli.processes import ServiceStartError
 from sealing_cli.stack import LocalStack
 
-console = Console()
+console = Console(soft_wrap=True)
+EPSILON_BUDGET = 3.0
+EPSILON_PER_RUN = 1.5
+DELTA = 1e-6
+SMALL_FRACTION = 50_000 / 1_600_000
 
 
 def seal(*args: str) -> int:
@@ -32,52 +45,130 @@ def expect(code: int, wanted: int = 0) -> None:
         raise SystemExit(f"demo: a step exited with {code}, expected {wanted}")
 
 
-def demo_compose_hash(workdir: Path) -> tuple[bytes, Path]:
-    """The study's app-compose.json (written verbatim) and its compose hash."""
-    from compose.app_compose import build_app_compose, compose_hash, normalized_json_bytes
+def study_recipe(owners: dict[str, str]) -> bytes:
+    """The analyst's recipe: DP-SGD logistic regression on the five cohorts, ε = 1.5, model weights out."""
+    from compose.app_compose import build_app_compose, normalized_json_bytes
     from compose.manifest import StudyManifest
+    from cvm.analyses.cohorts import FEATURE_BOUNDS, OUTCOME
 
     manifest = StudyManifest.model_validate({
-        "version": "sealroom-study/v1",
-        "name": "cardio-renal-risk",
-        "inputs": [],
-        "analysis": {"kind": "dp_sgd", "params": {"model": "logistic_regression"}},
-        "epsilon": 1.5,
-        "delta": 1e-6,
-        "output_type": "model_weights",
+        "study": "cardio-renal-risk",
+        "inputs": [{"owner": address, "name": site} for site, address in owners.items()],
+        "analysis": {"kind": "dp_sgd", "params": {
+            "features": {k: list(v) for k, v in FEATURE_BOUNDS.items()}, "label": OUTCOME, "model": "logistic",
+            "epochs": 3, "batch_size": 8192}},
+        "epsilon": EPSILON_PER_RUN, "delta": DELTA, "output_type": "model_weights",
     })
-    yaml = "services:\n  study:\n    image: sealroom/study-runner@sha256:" + "0" * 64 + "\n"
-    body = normalized_json_bytes(build_app_compose("cardio-renal-risk", yaml, manifest))
-    path = workdir / "app-compose.json"
-    path.write_bytes(body)
-    return compose_hash(body), path
+    compose_yaml = ("services:\n  study:\n    image: sealroom/study-runner@sha256:" + "0" * 64 + "\n"
+                    "    command: [python, -m, cvm.run]\n")
+    return normalized_json_bytes(build_app_compose("cardio-renal-risk", compose_yaml, manifest))
 
 
-def run_demo(state_dir: Path) -> None:
+def run_in_cvm(stack: LocalStack, compose_path: Path, sealed: list[Path], receipt: Path, name: str) -> int:
+    d = stack.description
+    try:
+        endpoint = stack.start_cvm(compose_path, name=name)
+    except ServiceStartError as exc:
+        console.print(f"[bold red]refused:[/] the CVM could not boot: {exc}")
+        return 1
+    argv = [sys.executable, "-m", "cvm.run", "--sealed", *map(str, sealed), "--kms-url", d.services["kms"]["url"],
+            "--rpc-url", d.rpc_url, "--dstack-kms", d.dstack_kms, "--out", str(receipt)]
+    console.print(f"[bold magenta]cvm[/] SIMULATED CVM {name} booted for compose {compose_path.name}; "
+                  f"DSTACK_SIMULATOR_ENDPOINT={endpoint}")
+    return subprocess.run(argv, env={**os.environ, "DSTACK_SIMULATOR_ENDPOINT": endpoint}).returncode
+
+
+def held_out_auc(payload: dict, label: str, rows: int) -> tuple[float, float]:
+    """The released model's AUC on a fresh cohort no owner holds, and the ground-truth model's AUC on it.
+
+    The model is rebuilt from the signed payload alone and scored with the same feature mapping the CVM trained with.
+    """
+    import numpy as np
+
+    from cvm.analyses.cohorts import FEATURES, GROUND_TRUTH, generate_site
+    from cvm.analyses.dpsgd import DPModel, TrainingSpec, prepare_features, roc_auc, scores
+    from cvm.analyses.loss import PrivacyLoss
+
+    model = DPModel(
+        architecture=payload["architecture"], hidden_units=payload["hidden_units"],
+        feature_bounds={k: tuple(v) for k, v in payload["feature_bounds"].items()},
+        weights={n: np.array(w["values"], dtype=np.float32).reshape(w["shape"]) for n, w in payload["weights"].items()},
+        spent=PrivacyLoss(**payload["spent"]), accountant=payload["accountant"],
+        noise_multiplier=payload["noise_multiplier"], sample_rate=payload["sample_rate"], steps=payload["steps"],
+        max_grad_norm=payload["max_grad_norm"], noise_source=payload["noise_source"],
+    )
+    fresh = generate_site("EU-West", rows, seed=2026)
+    data = prepare_features(fresh, TrainingSpec(features=model.feature_bounds, label=label))
+    labels = data.y.numpy()
+    truth = GROUND_TRUTH.logit({f: fresh.column(f).to_numpy(zero_copy_only=False).astype(float) for f in FEATURES})
+    return roc_auc(scores(model.module(), data), labels), roc_auc(truth, labels)
+
+
+def run_demo(state_dir: Path, *, small: bool = False) -> None:
+    from cvm.analyses.cohorts import OUTCOME, SITE_SIZES, generate_site, write_parquet
+
     if state_dir.exists():
         shutil.rmtree(state_dir)  # the demo always starts from a clean, throwaway stack
     state_dir.mkdir(parents=True)
     sd = ["--state-dir", str(state_dir)]
-    console.print(Rule("Sealroom demo: a five-owner consortium on a local chain"))
-    with LocalStack(state_dir, threshold=5, epsilon_budget=3.0) as stack:
+    sizes = {site: max(1, round(n * (SMALL_FRACTION if small else 1))) for site, n in SITE_SIZES.items()}
+    started = time.perf_counter()
+    console.print(Rule(f"Sealroom demo: five owners, {sum(sizes.values()):,} patients, one DP model"))
+    with LocalStack(state_dir, owner_names=tuple(SITE_SIZES), threshold=5, epsilon_budget=EPSILON_BUDGET) as stack:
         d = stack.description
-        console.print(f"local stack: anvil chain {d.chain_id} at {d.rpc_url}; DstackApp (app_id) {d.dstack_app}; "
-                      f"{len(d.owners)} owners, threshold {d.threshold}/{len(d.owners)}, ε budget {d.epsilon_budget:g}")
-        h, compose_path = demo_compose_hash(state_dir)
-        hx = "0x" + h.hex()
+        console.print(f"local stack: anvil chain {d.chain_id} at {d.rpc_url}; KMS {d.services['kms']['url']} "
+                      f"(dev mode: accepts SIMULATED quotes); DstackApp (app_id) {d.dstack_app}, threshold 5/5, "
+                      f"ε budget {EPSILON_BUDGET:g}")
 
-        console.print(Rule("The analyst proposes the study's recipe (its compose hash)"))
-        expect(seal("propose", "--compose-hash", hx, "--uri", compose_path.as_uri(), "--owner", d.owners[0].name, *sd))
+        console.print(Rule("Each owner generates its cohort (synthetic, known ground truth) — it never leaves"))
+        sources = {}
+        for i, (site, n) in enumerate(sizes.items()):
+            sources[site] = state_dir / "owners" / site / f"cohort-{site}.parquet"
+            sources[site].parent.mkdir(parents=True)
+            write_parquet(generate_site(site, n, seed=100 + i), sources[site])
+            console.print(f"{site:<9} {n:>8,} patients  -> {sources[site]}")
 
-        console.print(Rule("Each owner reviews and approves"))
+        console.print(Rule("The analyst proposes the recipe: DP-SGD logistic regression, ε = 1.5, weights out"))
+        recipe = study_recipe({o.name: o.address for o in d.owners})
+        compose_path = state_dir / "app-compose.json"
+        compose_path.write_bytes(recipe)
+        from compose.app_compose import compose_hash
+
+        hx = "0x" + compose_hash(recipe).hex()
+        expect(seal("propose", "--compose-hash", hx, "--uri", compose_path.as_uri(), "--owner", "EU-West", *sd))
+
+        console.print(Rule("Each owner reviews the recipe, approves it on-chain, and seals its cohort to it"))
+        sealed = []
         for owner in d.owners:
             expect(seal("approve", "--compose-hash", hx, "--owner", owner.name, *sd))
+        for owner in d.owners:
+            out = sources[owner.name].with_suffix(".sealed")
+            expect(seal("dataset", str(sources[owner.name]), "--app-id", d.dstack_app, "--compose-hash", hx,
+                        "--out", str(out), "--owner", owner.name, *sd))
+            sealed.append(out)
         expect(seal("status", "--compose-hash", hx, *sd))
 
-        console.print(Rule("One owner (CH) revokes: final, and the recipe is no longer allowed"))
+        console.print(Rule("The recipe runs in a SIMULATED CVM: attest, release keys, unwrap in memory, train"))
+        receipt = state_dir / "attestation.json"
+        run_started = time.perf_counter()
+        if run_in_cvm(stack, compose_path, sealed, receipt, "cvm-run-1") != 0:
+            raise SystemExit("demo: the study run failed")
+        run_seconds = time.perf_counter() - run_started
+        attestation = json.loads(receipt.read_text())
+        envelope = attestation["envelope"]
+        payload = envelope["payload"]
+        auc, truth_auc = held_out_auc(payload, OUTCOME, 100_000)
+        console.print(f"signed aggregate: {payload['output_type']} ({payload['architecture']}), "
+                      f"{sum(len(w['values']) for w in payload['weights'].values())} parameters, "
+                      f"ε spent {envelope['epsilon_spent']:g} (accountant {payload['accountant']}, δ {DELTA:g}), "
+                      f"ε left {envelope['epsilon_remaining']:g}; SIMULATED TEE: {envelope['simulated']}")
+        console.print(f"model AUC on a fresh cohort no owner holds: {auc:.4f} (ground-truth model: {truth_auc:.4f})")
+        console.print(f"receipt: {receipt}  (envelope digest {attestation['envelope_digest'][:16]}…, run {run_seconds:.1f} s)")
+
+        console.print(Rule("One owner (CH) revokes the recipe: final; the next run gets no keys and spends nothing"))
         expect(seal("revoke", "--compose-hash", hx, "--owner", "CH", *sd))
+        refused = run_in_cvm(stack, compose_path, sealed, state_dir / "attestation-2.json", "cvm-run-2")
+        if refused == 0:
+            raise SystemExit("demo: a run on a revoked recipe was not refused")
         expect(seal("status", "--compose-hash", hx, *sd))
-
-        console.print(Rule("A refused action: approving a revoked recipe"))
-        expect(seal("approve", "--compose-hash", hx, "--owner", "EU-West", *sd), wanted=1)
-    console.print("local stack stopped; no process left behind")
+    console.print(f"local stack stopped; no process left behind. Total {time.perf_counter() - started:.1f} s.")

@@ -372,11 +372,14 @@ def inspect(
 
 
 @app.command()
-def demo(state_dir: StateDir = None) -> None:
+def demo(
+    state_dir: StateDir = None,
+    small: Annotated[bool, typer.Option("--small", help="50,000 patients instead of 1.6 million (well under a minute)")] = False,
+) -> None:
     """Run the demo study end to end on the embedded local stack."""
     from sealing_cli.demo import run_demo
 
-    run_demo(state_dir or default_state_dir() / "demo")
+    run_demo(state_dir or default_state_dir() / "demo", small=small)
 
 
 def main() -> None:  # pragma: no cover - console entry point
