@@ -10,6 +10,7 @@ Exit codes (stable, documented in docs/cli.md):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -31,6 +32,7 @@ from eth_utils import is_address, to_checksum_address
 from kms_client.client import KmsClient, KmsError, KmsUnreachable
 from rich.progress import Progress
 from sealing_cli._sealed_file import SealedFileError, read_envelope, seal_file
+from sealing_cli.processes import ServiceStartError
 from sealing_cli.stack import (
     DEFAULT_OWNER_NAMES,
     LocalStack,
@@ -147,8 +149,11 @@ def up(
     owners: Annotated[int, typer.Option(help="Number of dev owners (named after the demo's five sites)")] = 5,
     threshold: Annotated[Optional[int], typer.Option(help="Approvals needed (default: all owners)")] = None,
     epsilon_budget: Annotated[float, typer.Option("--epsilon-budget", help="The study's total ε")] = 3.0,
+    compose: Annotated[Optional[Path], typer.Option("--compose", exists=True, dir_okay=False,
+                                                    help="Also boot a SIMULATED CVM for this app-compose.json "
+                                                         "(its compose hash must be approved on-chain)")] = None,
 ) -> None:
-    """Start the local stack (anvil + contracts) and keep it running until Ctrl-C."""
+    """Start the local stack (anvil, contracts, KMS) and keep it running until Ctrl-C."""
     if not 1 <= owners <= len(DEFAULT_OWNER_NAMES):
         fail(f"--owners must be between 1 and {len(DEFAULT_OWNER_NAMES)}", EXIT_USAGE)
     directory = state_dir or default_state_dir()
@@ -159,14 +164,27 @@ def up(
             d = stack.description
             out.print(f"[green]local stack up[/]  chain {d.chain_id} at {d.rpc_url}")
             out.print(f"DstackKms {d.dstack_kms}   DstackApp (app_id) {d.dstack_app}   threshold {d.threshold}/{len(d.owners)}")
+            out.print(f"KMS {d.services['kms']['url']} (dev mode: accepts SIMULATED quotes), root {d.services['kms']['root_address']}")
             out.print(f"stack description: {directory / 'stack.json'}   (Ctrl-C or `seal down` stops everything)")
+            if compose is not None:
+                _boot_when_approved(stack, compose.resolve())
             while True:
                 time.sleep(3600)
     except KeyboardInterrupt:
         pass
-    except (StackError, ChainError) as exc:
+    except (StackError, ChainError, ServiceStartError) as exc:
         fail(str(exc), EXIT_UNREACHABLE)
     out.print("local stack stopped")
+
+
+def _boot_when_approved(stack: LocalStack, compose: Path) -> None:
+    """The owners' keys exist only once the stack is up, so the CVM boots as soon as they have approved."""
+    h = hashlib.sha256(compose.read_bytes()).digest()
+    study = DstackApp(stack.chain, stack.description.dstack_app)
+    out.print(f"waiting for the owners to approve compose hash 0x{h.hex()} before booting its SIMULATED CVM …")
+    while not study.status(h).allowed:
+        time.sleep(1)
+    out.print(f"SIMULATED CVM guest agent: DSTACK_SIMULATOR_ENDPOINT={stack.start_cvm(compose)}")
 
 
 @app.command()

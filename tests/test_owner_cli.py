@@ -118,22 +118,48 @@ def test_no_stack_and_unreachable_chain_exit_3(tmp_path, stack):
     assert result.exit_code == 3 and "chain unreachable" in result.stderr
 
 
-def test_seal_up_and_down_leave_no_process(tmp_path):
-    """`seal up` as a real process: it writes the stack description, and `seal down` stops every child."""
+def _wait_for(condition, what, process, timeout_s=60):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_seal_up_boots_the_cvm_once_approved_and_down_leaves_no_process(tmp_path):
+    """`seal up --compose` as a real process: stack description, CVM boot on approval, and `seal down` stops all."""
+    from eth_account import Account
+
+    from tests.study_world import YAML
+    from compose.app_compose import build_app_compose, compose_hash, normalized_json_bytes
+    from compose.manifest import StudyManifest
+
+    manifest = StudyManifest.model_validate({
+        "study": "up-test", "inputs": [{"owner": Account.create().address, "name": "x"}],
+        "analysis": {"kind": "dp_stats", "params": {}}, "epsilon": 0.5, "delta": 0.0,
+        "output_type": "aggregate_stats"})
+    compose = tmp_path / "app-compose.json"
+    compose.write_bytes(normalized_json_bytes(build_app_compose("up-test", YAML, manifest)))
+    h = "0x" + compose_hash(compose.read_bytes()).hex()
     seal_bin = Path(sys.executable).parent / "seal"
-    up = subprocess.Popen([seal_bin, "up", "--state-dir", str(tmp_path), "--owners", "2"],
+    state = ["--state-dir", str(tmp_path)]
+
+    def seal_cli(*args):
+        return subprocess.run([seal_bin, *args, *state], capture_output=True, text=True, timeout=60)
+
+    up = subprocess.Popen([seal_bin, "up", "--owners", "2", "--compose", str(compose), *state],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "stack.json").exists():
-            assert up.poll() is None, up.stdout.read()
-            assert time.monotonic() < deadline, "seal up did not write its stack description"
-            time.sleep(0.2)
-        anvil_pid = StackDescription.load(tmp_path).services["anvil"]["pid"]
-        status = subprocess.run([seal_bin, "status", "--state-dir", str(tmp_path), "--json"],
-                                capture_output=True, text=True, timeout=60)
-        assert status.returncode == 0, status.stderr
-        subprocess.run([seal_bin, "down", "--state-dir", str(tmp_path)], check=True, timeout=60)
+        _wait_for(lambda: (tmp_path / "stack.json").exists(), "the stack description", up)
+        pids = [StackDescription.load(tmp_path).services[s]["pid"] for s in ("anvil", "kms")]
+        assert seal_cli("propose", "--compose-hash", h, "--owner", "EU-West").returncode == 0
+        for owner in ("EU-West", "EU-North"):
+            assert seal_cli("approve", "--compose-hash", h, "--owner", owner).returncode == 0
+        _wait_for(lambda: "cvm" in StackDescription.load(tmp_path).services, "the CVM to boot", up)
+        pids.append(StackDescription.load(tmp_path).services["cvm"]["pid"])
+        status = seal_cli("status")
+        assert status.returncode == 0 and "service cvm" in status.stdout and "simulated=True" in status.stdout
+        assert seal_cli("down").returncode == 0
         assert up.wait(timeout=30) == 0
     finally:
         if up.poll() is None:
@@ -141,5 +167,6 @@ def test_seal_up_and_down_leave_no_process(tmp_path):
             up.wait()
         up.stdout.close()
     assert not (tmp_path / "stack.json").exists()
-    with pytest.raises(ProcessLookupError):
-        os.kill(anvil_pid, 0)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
