@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Annotated, Iterator, NoReturn, Optional
+from typing import Annotated, Callable, Iterator, NoReturn, Optional
 
 import typer
 from eth_account import Account
@@ -206,15 +206,8 @@ def propose(
     state_dir: StateDir = None, owner: OwnerOpt = None, keystore: KeystoreOpt = None, as_json: JsonFlag = False,
 ) -> None:
     """Propose a compose hash for approval (anyone may propose)."""
-    stack = _stack(state_dir)
-    signer = _signer(stack, owner, keystore)
-    h = _compose_hash(compose_hash)
-    try:
-        with _app(stack) as study:
-            receipt = study.propose(h, uri, signer)
-    except ChainError as exc:
-        _refused(exc)
-    _done(as_json, "proposed", h, receipt)
+    _send("proposed", compose_hash, state_dir, owner, keystore, as_json,
+          lambda study, h, signer: study.propose(h, uri, signer))
 
 
 @app.command()
@@ -223,15 +216,7 @@ def approve(
     state_dir: StateDir = None, owner: OwnerOpt = None, keystore: KeystoreOpt = None, as_json: JsonFlag = False,
 ) -> None:
     """Approve a compose hash as one of the study's owners."""
-    stack = _stack(state_dir)
-    signer = _signer(stack, owner, keystore)
-    h = _compose_hash(compose_hash)
-    try:
-        with _app(stack) as study:
-            receipt = study.approve(h, signer)
-    except ChainError as exc:
-        _refused(exc)
-    _done(as_json, "approved", h, receipt, signer.address)
+    _send("approved", compose_hash, state_dir, owner, keystore, as_json, DstackApp.approve)
 
 
 @app.command()
@@ -240,15 +225,21 @@ def revoke(
     state_dir: StateDir = None, owner: OwnerOpt = None, keystore: KeystoreOpt = None, as_json: JsonFlag = False,
 ) -> None:
     """Revoke a compose hash. Any single owner can; it is final."""
+    _send("revoked", compose_hash, state_dir, owner, keystore, as_json, DstackApp.revoke)
+
+
+def _send(action: str, compose_hash: str, state_dir: Path | None, owner: str | None, keystore: Path | None,
+          as_json: bool, transaction: Callable[[DstackApp, bytes, LocalAccount], dict]) -> None:
+    """One owner transaction on the study's DstackApp, with the CLI's errors and output."""
     stack = _stack(state_dir)
     signer = _signer(stack, owner, keystore)
     h = _compose_hash(compose_hash)
     try:
         with _app(stack) as study:
-            receipt = study.revoke(h, signer)
+            receipt = transaction(study, h, signer)
     except ChainError as exc:
         _refused(exc)
-    _done(as_json, "revoked", h, receipt, signer.address)
+    _done(as_json, action, h, receipt, signer.address)
 
 
 def _done(as_json: bool, action: str, h: bytes, receipt: dict, by: str | None = None) -> None:
