@@ -48,3 +48,20 @@ def test_the_quote_binds_the_envelope_and_the_recipe(run):
     assert verified.compose_hash == h and verified.simulated
     approvers = {a["owner"] for a in attestation["chain"]["approvals"]}
     assert approvers == {o.address for o in stack.description.owners}
+
+
+def test_a_run_that_would_overspend_is_refused_before_any_key_is_released(run, tmp_path):
+    stack, _h, attestation = run
+    from contracts.chain import DstackApp
+    from tests.study_world import run_cvm
+
+    study = DstackApp(stack.chain, stack.description.dstack_app)
+    compose = stack.state_dir / "app-compose.json"
+    sealed = [str(stack.state_dir / f"{site}.sealed") for site in SITES.values()]
+    second = run_cvm(stack, compose, sealed, tmp_path / "second.json", name="cvm-second")
+    assert second.returncode == 0, second.stderr           # 1.0 + 1.0 = the whole budget of 2.0
+    assert study.budget().remaining_micro == 0
+    third = run_cvm(stack, compose, sealed, tmp_path / "third.json", name="cvm-third")
+    assert third.returncode == 1 and "privacy budget exceeded" in third.stderr
+    assert not (tmp_path / "third.json").exists()          # nothing released, nothing written
+    assert study.budget().spent_micro == 2_000_000
