@@ -20,15 +20,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from contracts.chain import DstackApp, DstackKms
+from cvm.agent_sim.agent import GuestAgentSimulator
 from cvm.attestation import verify_quote
 from cvm.eventlog import replay_event_log
 from kms.service import _boot_info
 from kms_client.box import attestation_report_data
 from kms_client.client import KmsClient
 from sealing_cli.stack import LocalStack, read_keystore
-from tests.simulated_cvm import SimulatedCvm
 
-RECIPE = hashlib.sha256(b"bench recipe").digest()
+RECIPE_COMPOSE = b'{"name":"kms-bench"}'
+RECIPE = hashlib.sha256(RECIPE_COMPOSE).digest()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -49,7 +50,8 @@ def main() -> None:
         for owner in owners:
             app.approve(RECIPE, owner)
         app_id = bytes.fromhex(d.dstack_app[2:])
-        machine = SimulatedCvm(stack.state_dir, app_id, RECIPE)
+        machine = GuestAgentSimulator.measure_boot(RECIPE_COMPOSE, app_id, b"\x02" + b"\x11" * 32,
+                                                   stack.state_dir / "simulated-tdx")
         url = d.services["kms"]["url"]
         root = bytes.fromhex(KmsClient(url).meta().k256_pubkey)
 

@@ -14,9 +14,9 @@ from kms_client.client import KmsClient, KmsRefused
 from sealing_cli.stack import LocalStack, read_keystore
 from tests.simulated_cvm import SimulatedCvm
 
-APPROVED = hashlib.sha256(b"approved recipe").digest()
-PENDING = hashlib.sha256(b"recipe with one approval").digest()
-REVOKED = hashlib.sha256(b"revoked recipe").digest()
+RECIPES = {name: f'{{"name":"{name}"}}'.encode() for name in ("approved", "pending", "revoked")}
+APPROVED, PENDING, REVOKED = (hashlib.sha256(RECIPES[n]).digest() for n in ("approved", "pending", "revoked"))
+COMPOSE_OF = {hashlib.sha256(body).digest(): body for body in RECIPES.values()}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def kms(stack):
 
 def cvm(stack, compose_hash, app_id=None):
     app_id = app_id or bytes.fromhex(stack.description.dstack_app[2:])
-    return SimulatedCvm(stack.state_dir, app_id, compose_hash)
+    return SimulatedCvm(stack.state_dir, app_id, COMPOSE_OF[compose_hash])
 
 
 def test_approved_recipe_gets_its_app_key(stack, kms):

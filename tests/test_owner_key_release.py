@@ -65,7 +65,7 @@ def kms(stack):
 def test_release_gives_each_consenting_owner_key_and_spends_budget(stack, study, owners, kms):
     body, h = recipe(owners, ["A", "B"])
     approve(study, owners, h, "A", "B")
-    machine = SimulatedCvm(stack.state_dir, study.app_id, h)
+    machine = SimulatedCvm(stack.state_dir, study.app_id, body)
     release = kms.release_owner_keys(machine.attest, body)
     assert set(release.keys) == {owners["A"].address, owners["B"].address}
     assert release.simulated and release.epsilon_spent == pytest.approx(0.4)
@@ -79,7 +79,7 @@ def test_release_gives_each_consenting_owner_key_and_spends_budget(stack, study,
 def test_release_that_would_overspend_is_refused_and_spends_nothing(stack, study, owners, kms):
     body, h = recipe(owners, ["A", "B"], epsilon=0.4)
     approve(study, owners, h, "A", "B")
-    machine = SimulatedCvm(stack.state_dir, study.app_id, h)
+    machine = SimulatedCvm(stack.state_dir, study.app_id, body)
     kms.release_owner_keys(machine.attest, body)
     kms.release_owner_keys(machine.attest, body)
     with pytest.raises(KmsRefused, match="privacy budget exceeded") as refused:
@@ -91,7 +91,7 @@ def test_release_that_would_overspend_is_refused_and_spends_nothing(stack, study
 def test_owner_who_did_not_approve_is_named_and_nothing_is_spent(stack, study, owners, kms):
     body, h = recipe(owners, ["A", "C"])
     approve(study, owners, h, "A", "B")  # threshold met by A and B; C never consented
-    machine = SimulatedCvm(stack.state_dir, study.app_id, h)
+    machine = SimulatedCvm(stack.state_dir, study.app_id, body)
     with pytest.raises(KmsRefused, match=owners["C"].address) as refused:
         kms.release_owner_keys(machine.attest, body)
     assert refused.value.code == "owner_not_consenting"
@@ -102,7 +102,7 @@ def test_revoked_recipe_releases_nothing(stack, study, owners, kms):
     body, h = recipe(owners, ["A", "B"])
     approve(study, owners, h, "A", "B")
     study.revoke(h, owners["C"])
-    machine = SimulatedCvm(stack.state_dir, study.app_id, h)
+    machine = SimulatedCvm(stack.state_dir, study.app_id, body)
     with pytest.raises(KmsRefused, match="Compose hash revoked") as refused:
         kms.release_owner_keys(machine.attest, body)
     assert refused.value.code == "revoked"
@@ -113,7 +113,7 @@ def test_app_compose_must_be_the_attested_one(stack, study, owners, kms):
     body, h = recipe(owners, ["A", "B"])
     other_body, _ = recipe(owners, ["A", "B"], epsilon=0.01, tag="cheaper")
     approve(study, owners, h, "A", "B")
-    machine = SimulatedCvm(stack.state_dir, study.app_id, h)
+    machine = SimulatedCvm(stack.state_dir, study.app_id, body)
     with pytest.raises(KmsRefused, match="does not hash to the attested compose hash"):
         kms.release_owner_keys(machine.attest, other_body)
     assert study.budget().spent_micro == 0
