@@ -42,4 +42,8 @@ def create_app(service: KeyManagementService) -> FastAPI:
     def release_owner_keys(request: wire.OwnerKeysRequest) -> wire.OwnerKeysResponse:
         return service.release_owner_keys(request)
 
+    @app.post("/prpc/RecordRoundSpend")
+    def record_round_spend(request: wire.RoundSpendRequest) -> wire.RoundSpendResponse:
+        return service.record_round_spend(request)
+
     return app

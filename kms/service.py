@@ -27,7 +27,8 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 
 from compose.app_compose import compose_hash as hash_app_compose
-from compose.app_compose import manifest_from_app_compose
+from compose.app_compose import ComposeError, manifest_from_app_compose
+from compose.manifest import StudyManifest
 from contracts.chain import (
     BudgetExceeded,
     Chain,
@@ -37,6 +38,7 @@ from contracts.chain import (
     DstackApp,
     DstackKms,
     OwnerDidNotApprove,
+    ReleaseAlreadyRecorded,
 )
 from cvm.attestation import AttestationError, SimulatedQuoteNotAllowed, VerifiedBoot, verify_attestation
 from kms.keys import (
@@ -152,34 +154,13 @@ class KeyManagementService:
         return wire.AppKeyResponse(box=wire.SealedBox(**box.to_wire()), simulated=caller.simulated)
 
     def release_owner_keys(self, request: wire.OwnerKeysRequest) -> wire.OwnerKeysResponse:
-        if self.signer is None:
-            raise Refused("bad_request", "this KMS has no signer for on-chain budget spends")
+        """The consenting owners' unwrap keys, after the manifest's ε is spent on-chain (one release per nonce)."""
         caller = self._attest(request.attestation)
-        app_compose = request.app_compose.encode()
-        if hash_app_compose(app_compose) != caller.compose_hash:
-            raise Refused("bad_request", "app_compose does not hash to the attested compose hash")
-        manifest = manifest_from_app_compose(app_compose)
-        owners = sorted({to_checksum_address(i.owner) for i in manifest.inputs})
-        if not owners:
-            raise Refused("bad_request", "the study manifest names no input owners")
-        app = DstackApp(self.chain, to_checksum_address(caller.app_id))
+        manifest = self._attested_manifest(caller, request.app_compose)
+        if manifest.analysis.kind == "fed_round":
+            raise Refused("bad_request", "a federated round reads no sealed data: it gets no owner keys")
         release_id = hashlib.sha256(b"sealroom-release/v1:" + caller.nonce + caller.compose_hash).digest()
-        # One release at a time: the budget check and its on-chain spend must not interleave.
-        with self._release_lock:
-            for owner in owners:
-                if not app.has_approved(caller.compose_hash, owner):
-                    raise Refused("owner_not_consenting", f"owner {owner} did not approve this compose hash")
-            try:
-                receipt = app.record_release(release_id, caller.compose_hash, owners, manifest.epsilon, self.signer)
-            except BudgetExceeded as exc:
-                raise Refused("budget_exhausted", str(exc)) from None
-            except ComposeHashIsRevoked as exc:
-                raise Refused("revoked", str(exc)) from None
-            except ComposeHashNotAllowed as exc:
-                raise Refused("not_approved", str(exc)) from None
-            except OwnerDidNotApprove as exc:
-                raise Refused("owner_not_consenting", str(exc)) from None
-            budget = app.budget().to_json()
+        owners, receipt, budget = self._spend(caller, manifest, manifest.epsilon, release_id)
         keys = {owner: derive_owner_seal_key(self.root, caller.app_id, caller.compose_hash, _address(owner))
                 .private_bytes_raw().hex() for owner in owners}
         box = seal_answer(json.dumps(keys).encode(), nonce=caller.nonce, cvm_pub=caller.cvm_pub, rng=self.rng)
@@ -188,6 +169,57 @@ class KeyManagementService:
             release_tx=receipt["transactionHash"].hex(), epsilon_spent=budget["epsilon_spent"],
             epsilon_remaining=budget["epsilon_remaining"], simulated=caller.simulated,
         )
+
+    def record_round_spend(self, request: wire.RoundSpendRequest) -> wire.RoundSpendResponse:
+        """A federated round's ε, spent on-chain once per round recipe, capped by the measured round contract."""
+        caller = self._attest(request.attestation)
+        manifest = self._attested_manifest(caller, request.app_compose)
+        if manifest.analysis.kind != "fed_round":
+            raise Refused("bad_request", "only a federated round recipe records round spends")
+        cap = float(manifest.analysis.params.get("epsilon_per_round", 0))
+        if not 0 < request.epsilon <= cap:
+            raise Refused("bad_request", f"a round may spend at most its contract's ε per round ({cap:g})")
+        # One charge per round recipe: a replayed or repeated request hits ReleaseAlreadyRecorded on-chain.
+        release_id = hashlib.sha256(b"sealroom-round/v1:" + caller.app_id + caller.compose_hash).digest()
+        _owners, receipt, budget = self._spend(caller, manifest, request.epsilon, release_id)
+        return wire.RoundSpendResponse(release_id=release_id.hex(), release_tx=receipt["transactionHash"].hex(),
+                                       epsilon_spent=budget["epsilon_spent"],
+                                       epsilon_remaining=budget["epsilon_remaining"], simulated=caller.simulated)
+
+    def _attested_manifest(self, caller: AttestedCaller, app_compose_text: str) -> StudyManifest:
+        app_compose = app_compose_text.encode()
+        if hash_app_compose(app_compose) != caller.compose_hash:
+            raise Refused("bad_request", "app_compose does not hash to the attested compose hash")
+        try:
+            return manifest_from_app_compose(app_compose)
+        except ComposeError as exc:
+            raise Refused("bad_request", f"the attested app-compose.json holds no valid study manifest: {exc}") from None
+
+    def _spend(self, caller: AttestedCaller, manifest: StudyManifest, epsilon: float,
+               release_id: bytes) -> tuple[list[str], dict, dict]:
+        """Check each input owner's own consent, then record the spend on-chain; nothing is spent on a refusal."""
+        if self.signer is None:
+            raise Refused("bad_request", "this KMS has no signer for on-chain budget spends")
+        owners = sorted({to_checksum_address(i.owner) for i in manifest.inputs})
+        app = DstackApp(self.chain, to_checksum_address(caller.app_id))
+        # One spend at a time: the consent and budget checks and the on-chain spend must not interleave.
+        with self._release_lock:
+            for owner in owners:
+                if not app.has_approved(caller.compose_hash, owner):
+                    raise Refused("owner_not_consenting", f"owner {owner} did not approve this compose hash")
+            try:
+                receipt = app.record_release(release_id, caller.compose_hash, owners, epsilon, self.signer)
+            except BudgetExceeded as exc:
+                raise Refused("budget_exhausted", str(exc)) from None
+            except ComposeHashIsRevoked as exc:
+                raise Refused("revoked", str(exc)) from None
+            except ComposeHashNotAllowed as exc:
+                raise Refused("not_approved", str(exc)) from None
+            except OwnerDidNotApprove as exc:
+                raise Refused("owner_not_consenting", str(exc)) from None
+            except ReleaseAlreadyRecorded as exc:
+                raise Refused("bad_request", str(exc)) from None
+            return owners, receipt, app.budget().to_json()
 
     def _attest(self, attestation: wire.Attestation) -> AttestedCaller:
         try:

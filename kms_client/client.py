@@ -167,6 +167,13 @@ class KmsClient:
                                epsilon_spent=answer.epsilon_spent, epsilon_remaining=answer.epsilon_remaining,
                                simulated=answer.simulated)
 
+    def record_round_spend(self, attest: Attest, app_compose: bytes, epsilon: float, *,
+                           collateral: str | None = None) -> wire.RoundSpendResponse:
+        """Attest as a federated aggregator and have the round's ε recorded on-chain (once per round recipe)."""
+        attestation, _ephemeral, _nonce = self._attestation(attest, collateral)
+        request = wire.RoundSpendRequest(attestation=attestation, app_compose=app_compose.decode(), epsilon=epsilon)
+        return self._call("RecordRoundSpend", request, wire.RoundSpendResponse)
+
 
 def _check_app_key_issued(app_id: bytes, key: bytes, signature: bytes, root_pubkey: bytes) -> None:
     """The KMS's signature over the app key (dstack's k256_signature) must recover to the pinned root."""

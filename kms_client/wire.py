@@ -104,3 +104,19 @@ class OwnerKeysResponse(Wire):
     epsilon_spent: float
     epsilon_remaining: float
     simulated: bool
+
+
+class RoundSpendRequest(Wire):
+    """A federated round's ε, claimed by the attested aggregator and capped by its measured round contract."""
+
+    attestation: Attestation
+    app_compose: str
+    epsilon: float
+
+
+class RoundSpendResponse(Wire):
+    release_id: str
+    release_tx: str
+    epsilon_spent: float
+    epsilon_remaining: float
+    simulated: bool

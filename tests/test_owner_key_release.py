@@ -117,3 +117,42 @@ def test_app_compose_must_be_the_attested_one(stack, study, owners, kms):
     with pytest.raises(KmsRefused, match="does not hash to the attested compose hash"):
         kms.release_owner_keys(machine.attest, other_body)
     assert study.budget().spent_micro == 0
+
+
+def round_recipe(owners, names, round_number=1):
+    from cvm.federated import RoundContract
+
+    contract = RoundContract(
+        round=round_number, parent_digest="00" * 32, eligible_sites=tuple(owners[n].address for n in names),
+        local_epochs=1, local_batch_size=64, clip_norm=1.0, noise_multiplier=1.0, aggregator="fedavg",
+        min_participants=1, deadline=2_000_000_000, epsilon_per_round=0.3, epsilon_total=0.9, delta=1e-5)
+    manifest = StudyManifest.model_validate({
+        "study": "round-test", "inputs": [{"owner": owners[n].address, "name": f"site-{n}"} for n in names],
+        "analysis": {"kind": "fed_round", "params": contract.to_params()}, "epsilon": 0.9, "delta": 1e-5,
+        "output_type": "round_record"})
+    body = normalized_json_bytes(build_app_compose("round-test", YAML, manifest))
+    return body, compose_hash(body)
+
+
+def test_round_spend_is_recorded_once_per_round_and_capped(stack, study, owners, kms):
+    body, h = round_recipe(owners, ["A", "B"])
+    approve(study, owners, h, "A", "B")
+    machine = SimulatedCvm(stack.state_dir, study.app_id, body)
+    with pytest.raises(KmsRefused, match="at most its contract's ε per round"):
+        kms.record_round_spend(machine.attest, body, 0.31)
+    spend = kms.record_round_spend(machine.attest, body, 0.25)
+    assert spend.simulated and spend.epsilon_spent == pytest.approx(0.25)
+    with pytest.raises(KmsRefused, match="already recorded"):
+        kms.record_round_spend(machine.attest, body, 0.25)      # the same round cannot be charged twice
+    with pytest.raises(KmsRefused, match="gets no owner keys"):
+        kms.release_owner_keys(machine.attest, body)            # and a round never receives owners' keys
+    assert study.budget().spent_micro == 250_000
+
+
+def test_a_study_recipe_cannot_record_round_spends(stack, study, owners, kms):
+    body, h = recipe(owners, ["A", "B"])
+    approve(study, owners, h, "A", "B")
+    machine = SimulatedCvm(stack.state_dir, study.app_id, body)
+    with pytest.raises(KmsRefused, match="only a federated round recipe"):
+        kms.record_round_spend(machine.attest, body, 0.1)
+    assert study.budget().spent_micro == 0
