@@ -69,7 +69,12 @@ _TAIL_KEYS = frozenset({"rows", "ciphertext_sha256", "signature"})
 
 @dataclass(frozen=True)
 class EnvelopeHeader:
-    """The fields the owner fixes before encrypting; their digest is bound into every chunk."""
+    """The fields the owner fixes before encrypting; their digest is bound into every chunk.
+
+    app_id: DstackApp address (20 bytes); compose_hash: sha256 of app-compose.json (32); owner: the
+    signer's address (20); kms_root: address of the KMS root key the sealing key was checked against
+    (20); schema: the input's Arrow schema; created_at: UTC, whole seconds.
+    """
 
     app_id: bytes
     compose_hash: bytes
@@ -107,7 +112,11 @@ class EnvelopeHeader:
 
 @dataclass(frozen=True)
 class Envelope:
-    """The public, owner-signed description of a sealed file (module docstring)."""
+    """The public, owner-signed description of a sealed file (module docstring).
+
+    rows: data rows of the input (``_source``); ciphertext_sha256: of the payload as stored;
+    signature: 65 bytes r ‖ s ‖ v by ``header.owner``.
+    """
 
     header: EnvelopeHeader
     wrapped_key: WrappedKey
@@ -306,7 +315,7 @@ def _uint(obj: dict[str, Any], key: str, *, minimum: int = 0, maximum: int = _MA
 
 def _hex(obj: dict[str, Any], key: str, length: int, *, prefix: str = "") -> bytes:
     value = obj[key]
-    problem = f"{key} must be {prefix}-prefixed hex of {length} bytes" if prefix else f"{key} must be {length} bytes of hex"
+    problem = f"{key} must be {length} bytes of hex" + (f" prefixed with {prefix}" if prefix else "")
     if not (isinstance(value, str) and value.startswith(prefix)):
         raise MalformedSealedFile(problem)
     try:
@@ -327,10 +336,14 @@ def _schema(value: Any) -> tuple[SchemaField, ...]:
         raise MalformedSealedFile("schema must be a list")
     fields = []
     for item in value:
-        if not (isinstance(item, dict) and item.keys() == {"name", "type"} and all(isinstance(v, str) for v in item.values())):
+        if not (isinstance(item, dict) and item.keys() == {"name", "type"} and all(map(_is_str, item.values()))):
             raise MalformedSealedFile("each schema entry must be {name: str, type: str}")
         fields.append(SchemaField(item["name"], item["type"]))
     return tuple(fields)
+
+
+def _is_str(value: object) -> bool:
+    return isinstance(value, str)
 
 
 def _timestamp(obj: dict[str, Any], key: str) -> datetime:

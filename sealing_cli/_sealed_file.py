@@ -29,6 +29,7 @@ Caller mistakes raise ``TypeError`` / ``ValueError``; OS failures propagate as `
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -128,8 +129,8 @@ def seal_file(
     ``now`` (timezone-aware) is the recorded creation time, UTC now by default.
 
     Writes nothing but ``out_path`` (mode 0600): a temporary file beside it is fsynced and atomically
-    renamed over ``out_path`` (replacing any existing file), and removed if anything fails. Raises ``ValueError`` /
-    ``TypeError`` for bad arguments or an input that is neither CSV nor Parquet, and
+    renamed over ``out_path`` (replacing any existing file), and removed if anything fails. Raises
+    ``ValueError`` / ``TypeError`` for bad arguments or an input that is neither CSV nor Parquet, and
     ``InputChangedWhileSealing`` if the input changes size meanwhile.
     """
     _check_bytes("app_id", app_id, 20)
@@ -249,7 +250,7 @@ def open_sealed(
             WrapContext(header.app_id, header.compose_hash, header.owner),
             header.digest,
         )
-        plaintext = bytearray(header.plaintext_bytes)
+        plaintext = _plaintext_buffer(header.plaintext_bytes)
         stream.seek(envelope.payload_offset)
         decrypt_stream(
             stream,
@@ -265,7 +266,7 @@ def open_sealed(
 class OpenedDataset:
     """The authenticated plaintext of one sealed file, held in memory only."""
 
-    def __init__(self, envelope: Envelope, plaintext: bytearray) -> None:
+    def __init__(self, envelope: Envelope, plaintext: mmap.mmap | bytearray) -> None:
         self.envelope = envelope
         self._plaintext = plaintext
 
@@ -299,6 +300,17 @@ class OpenedDataset:
         import torch
 
         return torch.from_numpy(self.to_numpy(columns))
+
+
+def _plaintext_buffer(size: int) -> mmap.mmap | bytearray:
+    """Memory for the whole plaintext: private anonymous memory, never backed by a file.
+
+    An anonymous mapping rather than ``bytearray(size)``: the kernel zero-fills its pages on first
+    write, inside the decrypt loop where that overlaps with hashing, while a bytearray is memset in
+    full before decryption starts (about 0.5 s per GiB on the benchmark machine). An empty mapping
+    is not allowed, hence the bytearray for size 0.
+    """
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE) if size else bytearray()
 
 
 def _check_bytes(name: str, value: object, length: int) -> None:

@@ -1,9 +1,10 @@
 """What the envelope records about the input file: its format, Arrow schema and row count.
 
 Cheap on purpose, so that sealing runs at AES-GCM speed: Parquet schema and rows come from the
-footer metadata; a CSV's schema comes from pyarrow's inference on the first block and its rows are
-counted while the bytes stream through the encryptor (``CsvRowCounter``). pyarrow is imported only
-here, and only when a file is inspected.
+footer metadata; a CSV's schema comes from pyarrow's inference on the first 1 MiB block (a full
+``pyarrow.csv.read_csv`` may widen a type, e.g. int64 → double, if a later row needs it) and its rows
+are counted while the bytes stream through the encryptor (``CsvRowCounter``). On the sealing side
+pyarrow is imported only here, and only when a file is inspected.
 """
 
 from __future__ import annotations

@@ -66,12 +66,8 @@ def encrypt_stream(
     aead = AESGCM(data_key)
     count = chunk_count(plaintext_bytes, chunk_size)
     plain = bytearray(min(chunk_size, plaintext_bytes))
-    # Two ciphertext buffers: one is being hashed by the worker while the next one is filled.
-    sealed = [bytearray(chunk_size + TAG_BYTES) for _ in range(2)]
-    hashing: list[Future[None] | None] = [None, None]
-    digest = hashlib.sha256()
     remaining = plaintext_bytes
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sealroom-sha256") as hasher:
+    with _HashedBuffers(len(plain) + TAG_BYTES) as ciphertext:
         for index in range(count):
             size = min(chunk_size, remaining)
             if size < len(plain):
@@ -79,17 +75,14 @@ def encrypt_stream(
             if _read_into(source, plain) != size:
                 raise InputChangedWhileSealing("the input file shrank while it was being sealed")
             observe(plain)
-            slot = index % 2
-            if hashing[slot] is not None:
-                hashing[slot].result()
-            out = memoryview(sealed[slot])[: size + TAG_BYTES]
+            out = ciphertext.take(index, size + TAG_BYTES)
             aead.encrypt_into(chunk_nonce(index, final=index == count - 1), plain, aad, out)
-            hashing[slot] = hasher.submit(digest.update, out)
+            ciphertext.hash(out)
             sink.write(out)
             remaining -= size
         if source.read(1):
             raise InputChangedWhileSealing("the input file grew while it was being sealed")
-    return digest.digest()
+        return ciphertext.digest()
 
 
 def decrypt_stream(
@@ -122,22 +115,55 @@ def decrypt_stream(
 def _decrypt_chunks(source: BinaryIO, plaintext: memoryview, aead: AESGCM, aad: bytes, chunk_size: int) -> bytes:
     total = len(plaintext)
     count = chunk_count(total, chunk_size)
-    sealed = [bytearray(min(chunk_size, total) + TAG_BYTES) for _ in range(2)]
-    hashing: list[Future[None] | None] = [None, None]
-    digest = hashlib.sha256()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sealroom-sha256") as hasher:
+    with _HashedBuffers(min(chunk_size, total) + TAG_BYTES) as ciphertext:
         for index in range(count):
             start = index * chunk_size
             size = min(chunk_size, total - start)
-            slot = index % 2
-            if hashing[slot] is not None:
-                hashing[slot].result()
-            chunk = memoryview(sealed[slot])[: size + TAG_BYTES]
+            chunk = ciphertext.take(index, size + TAG_BYTES)
             if _read_into(source, chunk) != len(chunk):
                 raise DecryptionFailed()
-            hashing[slot] = hasher.submit(digest.update, chunk)
+            ciphertext.hash(chunk)
             aead.decrypt_into(chunk_nonce(index, final=index == count - 1), chunk, aad, plaintext[start : start + size])
-    return digest.digest()
+        return ciphertext.digest()
+
+
+class _HashedBuffers:
+    """Two reused ciphertext buffers whose contents are SHA-256-hashed, in order, on a worker thread.
+
+    Hashing is the slowest step (about 1.4 GB/s on one core against 8+ GB/s for AES-GCM), so it runs on
+    the other core while this thread reads, encrypts or decrypts, and writes the next chunk into the
+    other buffer. A buffer is handed out again only once its previous contents are hashed.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._buffers = [bytearray(size), bytearray(size)]
+        self._hashing: list[Future[None] | None] = [None, None]
+        self._slot = 0
+        self._sha256 = hashlib.sha256()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sealroom-sha256")
+
+    def __enter__(self) -> _HashedBuffers:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._worker.shutdown(wait=True)
+
+    def take(self, index: int, length: int) -> memoryview:
+        """The buffer for chunk ``index``, cut to ``length`` bytes."""
+        self._slot = index % 2
+        previous = self._hashing[self._slot]
+        if previous is not None:
+            previous.result()
+        return memoryview(self._buffers[self._slot])[:length]
+
+    def hash(self, chunk: memoryview) -> None:
+        """Queue the buffer last taken (now filled with ``chunk``) for hashing."""
+        self._hashing[self._slot] = self._worker.submit(self._sha256.update, chunk)
+
+    def digest(self) -> bytes:
+        """SHA-256 of every chunk hashed, once the worker has finished them all."""
+        self._worker.shutdown(wait=True)
+        return self._sha256.digest()
 
 
 def _read_into(source: BinaryIO, buffer: bytearray | memoryview) -> int:

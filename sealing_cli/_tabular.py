@@ -20,7 +20,7 @@ def table_to_numpy(table: pa.Table) -> np.ndarray:
 
     if table.num_columns == 0:
         raise ValueError("no columns selected")
-    for field, column in zip(table.schema, table.columns):
+    for field, column in zip(table.schema, table.columns, strict=True):
         if not (patypes.is_integer(field.type) or patypes.is_floating(field.type) or patypes.is_boolean(field.type)):
             raise ValueError(f"column {field.name!r} has type {field.type}; only numeric or boolean columns convert")
         if column.null_count:

@@ -99,7 +99,9 @@ def test_module_exports_exactly_the_public_surface() -> None:
     assert all(hasattr(_sealed_file, name) for name in _sealed_file.__all__)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 64, len(CSV_TEXT) - 1, len(CSV_TEXT), len(CSV_TEXT) + 1, DEFAULT_CHUNK_SIZE])
+@pytest.mark.parametrize(
+    "chunk_size", [1, 7, 64, len(CSV_TEXT) - 1, len(CSV_TEXT), len(CSV_TEXT) + 1, DEFAULT_CHUNK_SIZE]
+)
 def test_csv_round_trip_returns_the_exact_bytes(csv_file: Path, tmp_path: Path, chunk_size: int) -> None:
     summary = seal(csv_file, tmp_path / "cohort.sealed", chunk_size=chunk_size)
     opened = open_for_test_recipe(summary.out_path)
@@ -148,6 +150,13 @@ def test_parquet_round_trip_uses_footer_schema_and_rows(parquet_file: Path, tmp_
     assert bytes(opened.plaintext) == parquet_file.read_bytes()
     assert opened.to_arrow().equals(pq.read_table(parquet_file))
     assert opened.to_arrow(["site"]).column_names == ["site"]
+
+
+def test_non_ascii_column_names_survive_the_canonical_envelope(tmp_path: Path) -> None:
+    source = tmp_path / "unicode.csv"
+    source.write_text("größe,名前\n1,a\n", encoding="utf-8")
+    envelope = read_envelope(seal(source, tmp_path / "u.sealed").out_path)
+    assert [field.name for field in envelope.header.schema] == ["größe", "名前"]
 
 
 def test_csv_to_arrow_parses_like_pyarrow(csv_file: Path, tmp_path: Path) -> None:
@@ -221,9 +230,10 @@ def test_aware_clock_in_another_zone_is_recorded_in_utc(csv_file: Path, tmp_path
         ({"compose_hash": COMPOSE_HASH + b"\x00"}, ValueError, "compose_hash must be 32 bytes"),
         ({"owner_key": Account.from_key(OWNER_KEY.to_bytes())}, TypeError, "owner_key must be an eth_keys"),
         ({"owner_seal_pubkey": SEAL_KEY}, TypeError, "owner_seal_pubkey must be"),
-        ({"owner_seal_pubkey": X25519PrivateKey.generate().public_key().public_bytes_raw()}, TypeError, "X25519PublicKey"),
+        ({"owner_seal_pubkey": SEAL_KEY.public_key().public_bytes_raw()}, TypeError, "X25519PublicKey"),
         ({"kms_root_address": KMS_ROOT.lower().replace("ba1f", "BA1F")}, ValueError, "kms_root_address"),
         ({"kms_root_address": "0x1234"}, ValueError, "kms_root_address"),
+        ({"kms_root_address": KMS_ROOT[2:]}, ValueError, "kms_root_address must be a 0x-prefixed"),
         ({"chunk_size": 0}, ValueError, "chunk_size"),
         ({"chunk_size": (64 << 20) + 1}, ValueError, "chunk_size"),
         ({"chunk_size": True}, ValueError, "chunk_size"),
@@ -397,7 +407,10 @@ cells = st.text(alphabet=st.sampled_from('ab ,"\n\r\'x1'), max_size=8)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows=st.lists(st.tuples(cells, st.integers(-(2**63), 2**63 - 1)), min_size=1, max_size=30), chunk_size=st.integers(1, 64))
+@given(
+    rows=st.lists(st.tuples(cells, st.integers(-(2**63), 2**63 - 1)), min_size=1, max_size=30),
+    chunk_size=st.integers(1, 64),
+)
 def test_csv_row_counter_matches_pyarrow_on_random_quoted_tables(rows: list[tuple[str, int]], chunk_size: int) -> None:
     table = pa.table({"text": [text for text, _ in rows], "number": [number for _, number in rows]})
     sink = io.BytesIO()

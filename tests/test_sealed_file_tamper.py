@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from sealing_cli import _envelope
 from sealing_cli._envelope import encode_head, encode_tail, read_envelope_unverified, sign_envelope
+from sealing_cli._keywrap import WrapContext, WrappedKey, unwrap_data_key, wrap_data_key
 from sealing_cli._sealed_file import (
     DecryptionFailed,
     EnvelopeSignatureInvalid,
@@ -33,7 +34,6 @@ from sealing_cli._sealed_file import (
     read_envelope,
     seal_file,
 )
-from sealing_cli._keywrap import WrapContext, WrappedKey, unwrap_data_key, wrap_data_key
 from sealing_cli._stream import TAG_BYTES, decrypt_stream, encrypt_stream, payload_length
 
 APP_ID = bytes.fromhex("a11ce" * 8)
@@ -195,7 +195,8 @@ def test_an_envelope_swapped_in_from_another_owners_file_fails(alice_file: bytes
     bob_file = sealed_bytes(tmp_path, BOB)
     _, start, end = regions(bob_file)
     bobs_envelope_alices_payload = bob_file[:start] + alice_file[start:end] + bob_file[end:]
-    assert read_envelope(io.BytesIO(bobs_envelope_alices_payload)).header.owner == BOB.signing_key.public_key.to_canonical_address()
+    bob = BOB.signing_key.public_key.to_canonical_address()
+    assert read_envelope(io.BytesIO(bobs_envelope_alices_payload)).header.owner == bob
     with pytest.raises(DecryptionFailed):
         open_bytes(bobs_envelope_alices_payload, owner=BOB)
     with pytest.raises(DecryptionFailed):
@@ -348,9 +349,8 @@ WRAP_CONTEXT = WrapContext(APP_ID, COMPOSE_HASH, ALICE.signing_key.public_key.to
 
 
 def wrapped_data_key() -> WrappedKey:
-    return wrap_data_key(
-        DATA_KEY, ALICE.seal_key.public_key(), WRAP_CONTEXT, AAD, ephemeral_private_bytes=bytes(range(1, 33)), nonce=bytes(12)
-    )
+    recipient, ephemeral = ALICE.seal_key.public_key(), bytes(range(1, 33))
+    return wrap_data_key(DATA_KEY, recipient, WRAP_CONTEXT, AAD, ephemeral_private_bytes=ephemeral, nonce=bytes(12))
 
 
 def test_the_data_key_unwraps_with_the_same_context() -> None:
@@ -359,7 +359,11 @@ def test_the_data_key_unwraps_with_the_same_context() -> None:
 
 @pytest.mark.parametrize(
     "changes",
-    [{"app_id": bytes(20)}, {"compose_hash": bytes(32)}, {"owner": MALLORY.signing_key.public_key.to_canonical_address()}],
+    [
+        {"app_id": bytes(20)},
+        {"compose_hash": bytes(32)},
+        {"owner": MALLORY.signing_key.public_key.to_canonical_address()},
+    ],
 )
 def test_the_data_key_wrap_is_bound_to_app_recipe_and_owner(changes: dict[str, bytes]) -> None:
     with pytest.raises(DecryptionFailed):
