@@ -41,7 +41,7 @@ from cvm.analyses.dpsgd import (
 from cvm.analyses.loss import PrivacyLoss
 from cvm.run import run_study
 from kms_client.client import KmsClient
-from sealing_cli._sealed_file import seal_file
+from sealing_cli import seal_file
 from sealing_cli.demo import DELTA, EPSILON_PER_RUN, study_recipe
 from sealing_cli.stack import LocalStack, read_keystore
 

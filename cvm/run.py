@@ -35,7 +35,7 @@ from cvm.analyses import (
 from cvm.receipt import ChainEvidence, build_envelope, sign_and_attest, write_attestation
 from cvm.unwrap import UnwrapError, unwrap_datasets
 from kms_client.client import KmsClient, KmsError
-from sealing_cli._sealed_errors import SealedFileError
+from sealing_cli import SealedFileError
 
 
 class StudyRunError(Exception):

@@ -30,8 +30,7 @@ from compose.app_compose import manifest_from_app_compose
 from compose.manifest import StudyManifest
 from contracts.chain import Chain, DstackApp
 from kms_client.client import KmsClient, OwnerKeyRelease
-from sealing_cli._sealed_errors import SealedFileError, SealedForAnotherRecipe
-from sealing_cli._sealed_file import OpenedDataset, open_sealed, read_envelope
+from sealing_cli import OpenedDataset, SealedFileError, SealedForAnotherRecipe, open_sealed, read_envelope
 
 INPUTS_EVENT = "sealroom-inputs"
 

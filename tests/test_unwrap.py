@@ -16,7 +16,7 @@ from compose.manifest import StudyManifest
 from contracts.chain import DstackApp
 from cvm.unwrap import INPUTS_EVENT, unwrap_datasets
 from kms_client.client import KmsClient, KmsRefused
-from sealing_cli._sealed_errors import SealedForAnotherRecipe
+from sealing_cli import SealedForAnotherRecipe
 from sealing_cli.main import app as seal_cli
 from sealing_cli.stack import LocalStack, read_keystore
 
