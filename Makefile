@@ -14,6 +14,7 @@ test: setup
 	.venv/bin/pytest
 
 bench: setup
+	@bash scripts/bench-setup.sh
 	.venv/bin/python -m bench
 
 clean:
