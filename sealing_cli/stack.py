@@ -11,15 +11,16 @@ import hashlib
 import json
 import os
 import secrets
-import socket
 import sys
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import httpx
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
+from compose.backends import boot_simulated_agent
 from contracts.chain import Chain, DstackApp, DstackKms
 from cvm.sim_tdx import SIMULATED_OS_IMAGE_HASH, SimulatedTdx
 from kms_client import wire
@@ -229,28 +230,47 @@ class LocalStack:
         point dstack-sdk at it with DSTACK_SIMULATOR_ENDPOINT)."""
         d = self.description
         socket_path = self.state_dir / f"{name}.sock"
-        socket_path.unlink(missing_ok=True)
-
-        def answers() -> bool:
-            with socket.socket(socket.AF_UNIX) as probe:
-                try:
-                    probe.connect(str(socket_path))
-                except OSError:
-                    return False
-            return True
-
-        process = ManagedProcess(
-            name,
-            [sys.executable, "-m", "cvm.agent_sim", "--app-compose", str(app_compose), "--app-id", d.dstack_app,
-             "--socket", str(socket_path), "--state-dir", str(self.state_dir / "simulated-tdx"),
-             "--kms-url", d.services["kms"]["url"]],
-            ready=answers, log_path=self.state_dir / f"{name}.log",
-        )
+        process = boot_simulated_agent(app_compose, app_id=d.dstack_app, kms_url=d.services["kms"]["url"],
+                                       socket_path=socket_path, simulated_tdx_dir=self.state_dir / "simulated-tdx",
+                                       log_path=self.state_dir / f"{name}.log", name=name)
         self._exit.callback(process.stop)
         d.services[name] = {"pid": process.pid, "endpoint": str(socket_path), "simulated": True,
                             "compose_hash": hashlib.sha256(app_compose.read_bytes()).hexdigest()}
         d.save(self.state_dir)
         return str(socket_path)
+
+    def start_api(self) -> str:
+        """Start the analysts' REST API (`python -m compose.api`) with its own funded proposer account; return its URL.
+
+        Its state (analysts.json, submitted composes, runs) lives in `<state_dir>/api`; issue tokens there with
+        `compose.auth.issue_token`."""
+        d = self.description
+        proposer = Account.create()
+        keystore = self.state_dir / "keystores" / "api-proposer.json"
+        keystore.unlink(missing_ok=True)
+        write_keystore(proposer, keystore, DEV_KEYSTORE_PASSWORD)
+        self.chain.fund(Account.from_key(ANVIL_FUNDER_KEY), proposer.address, 10**20)
+        url = f"http://127.0.0.1:{free_loopback_port()}"
+        api_dir = self.state_dir / "api"
+
+        def answers() -> bool:
+            try:
+                return httpx.get(f"{url}/openapi.json", timeout=1.0).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        process = ManagedProcess(
+            "api",
+            [sys.executable, "-m", "compose.api", "--stack-state-dir", str(self.state_dir), "--state-dir",
+             str(api_dir), "--port", url.rsplit(":", 1)[1], "--proposer-keystore", str(keystore)],
+            ready=answers, log_path=self.state_dir / "api.log",
+            env={"SEALROOM_API_PROPOSER_PASSWORD": DEV_KEYSTORE_PASSWORD},
+        )
+        self._exit.callback(process.stop)
+        d.services["api"] = {"pid": process.pid, "url": url, "state_dir": str(api_dir),
+                             "proposer": proposer.address}
+        d.save(self.state_dir)
+        return url
 
     def stop(self) -> None:
         self._exit.close()
