@@ -350,44 +350,50 @@ def test_public_surface():
 # ---- python -m cvm.agent_sim -----------------------------------------------------------------------
 
 
-def test_cli_refuses_without_a_kms_client(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "kms_client", types.ModuleType("kms_client"))  # no make_key_provider
+def test_cli_refuses_a_bad_app_id_and_an_unreachable_kms(tmp_path, capsys):
     compose = tmp_path / "app-compose.json"
     compose.write_bytes(APP_COMPOSE)
-    args = ["--app-compose", str(compose), "--socket", str(tmp_path / "s"), "--state-dir", str(tmp_path), "--kms-url", "x"]
-    assert agent_main([*args, "--app-id", "0x" + APP_ID.hex()]) == 2
-    assert "error: no KMS client is available" in capsys.readouterr().err
+    args = ["--app-compose", str(compose), "--socket", str(tmp_path / "s"), "--state-dir", str(tmp_path),
+            "--kms-url", "http://127.0.0.1:9"]
     assert agent_main([*args, "--app-id", "0x1234"]) == 2
     assert "error: --app-id must be 20 bytes" in capsys.readouterr().err
+    assert agent_main([*args, "--app-id", "0x" + APP_ID.hex()]) == 3
+    assert "boot failed: KMS unreachable" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
 
 
 def test_cli_boots_serves_and_stops(tmp_path):
-    state_dir = tmp_path / "state"
-    pinned = SimulatedTdx.load_or_create(state_dir).root_der
-    (tmp_path / "app-compose.json").write_bytes(APP_COMPOSE)
-    # A stand-in kms_client (the real one is wired by the lead): the test KMS above, pinned to this state dir.
-    (tmp_path / "kms_client.py").write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {str(TESTS_DIR)!r})\n"
-        "from test_agent_simulator import DerivingKeyProvider, KMS_ROOT\n"
-        f"def make_key_provider(url):\n    return DerivingKeyProvider(KMS_ROOT, {pinned!r})\n"
-    )
-    socket_path = tmp_path / "dstack.sock"
-    command = [sys.executable, "-m", "cvm.agent_sim", "--app-compose", "app-compose.json",
-               "--app-id", "0x" + APP_ID.hex(), "--socket", str(socket_path), "--state-dir", str(state_dir),
-               "--kms-url", "http://127.0.0.1:1"]
-    process = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 15
-        while not socket_path.exists():
-            assert process.poll() is None and time.monotonic() < deadline, "the agent did not start"
-            time.sleep(0.05)
-        client = DstackClient(str(socket_path))
-        with client:
-            assert client.get_key("cli", "p").decode_key() == hkdf(app_key(), b"cli")
-    finally:
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=15)
+    """The real entry point against a real KMS and chain: boots only for an approved recipe, serves, stops."""
+    from contracts.chain import DstackApp
+    from kms_client.verify import verify_get_key_response
+    from sealing_cli.stack import LocalStack, read_keystore
+
+    with LocalStack(tmp_path / "stack", owner_names=("A",), threshold=1) as stack:
+        d = stack.description
+        owner = read_keystore(d.owners[0].keystore, d.dev_keystore_password)
+        study = DstackApp(stack.chain, d.dstack_app)
+        h = hashlib.sha256(APP_COMPOSE).digest()
+        study.propose(h, "", owner)
+        study.approve(h, owner)
+        (tmp_path / "app-compose.json").write_bytes(APP_COMPOSE)
+        socket_path = tmp_path / "dstack.sock"
+        command = [sys.executable, "-m", "cvm.agent_sim", "--app-compose", "app-compose.json",
+                   "--app-id", d.dstack_app, "--socket", str(socket_path),
+                   "--state-dir", str(stack.state_dir / "simulated-tdx"), "--kms-url", d.services["kms"]["url"]]
+        process = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while not socket_path.exists():
+                assert process.poll() is None and time.monotonic() < deadline, "the agent did not start"
+                time.sleep(0.05)
+            client = DstackClient(str(socket_path))
+            with client:
+                answer = client.get_key("cli", "p")
+            verify_get_key_response(answer.key, answer.signature_chain, "p", study.app_id,
+                                    d.services["kms"]["root_address"])
+        finally:
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=15)
     assert process.returncode == 0
     assert "SIMULATED dstack guest agent on unix:" in stderr
     assert not socket_path.exists()

@@ -7,10 +7,11 @@ It measures the boot into the simulated RTMR3, obtains the app key from the KMS 
 attestation, then serves dstack's agent API until SIGINT/SIGTERM. Point dstack-sdk at it with
 ``DSTACK_SIMULATOR_ENDPOINT=<socket>``.
 
-The KMS client comes from ``kms_client.make_key_provider(kms_url)`` (an :class:`AppKeyProvider`).
+The KMS client is ``kms_client.make_key_provider(kms_url)`` (an :class:`AppKeyProvider`); a KMS refusal ends
+the boot with exit code 3 and the KMS's reason.
 
-Exit codes: 0 stopped by a signal; 2 bad arguments or no KMS client available; 3 the boot failed
-(the KMS grant did not chain to the measured KMS root).
+Exit codes: 0 stopped by a signal; 2 bad arguments; 3 the boot failed (the KMS refused, or its grant did
+not chain to the measured KMS root).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import sys
 import threading
 from pathlib import Path
 
-from cvm.agent_sim.agent import AgentSimError, AppKeyProvider, GuestAgentSimulator
+from cvm.agent_sim.agent import AgentSimError, GuestAgentSimulator
 from cvm.agent_sim.server import AgentServer
+from kms_client import KmsError, make_key_provider
 
 EXIT_USAGE = 2
 EXIT_BOOT_FAILED = 3
@@ -35,18 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         app_id = _app_id(args.app_id)
     except (OSError, ValueError) as bad:
         return _fail(str(bad), code=EXIT_USAGE)
-    key_provider = make_key_provider(args.kms_url)
-    if key_provider is None:
-        return _fail(
-            "no KMS client is available: kms_client.make_key_provider could not be imported",
-            hint="install the full project (kms_client) or run the agent from the `seal` stack",
-            code=EXIT_USAGE,
-        )
     try:
+        key_provider = make_key_provider(args.kms_url)
         agent = GuestAgentSimulator.boot(app_compose, app_id, key_provider, args.state_dir)
     except ValueError as bad:
         return _fail(str(bad), code=EXIT_USAGE)
-    except AgentSimError as failure:
+    except (AgentSimError, KmsError) as failure:
         return _fail(f"boot failed: {failure}", code=EXIT_BOOT_FAILED)
     try:
         server = AgentServer(agent, args.socket, http_port=args.http_port)
@@ -65,16 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         stop.wait()
     return 0
-
-
-def make_key_provider(kms_url: str) -> AppKeyProvider | None:
-    """The KMS client for ``kms_url``, from ``kms_client.make_key_provider``; None if that is unavailable."""
-    try:
-        from kms_client import make_key_provider as factory  # imported late: kms_client is optional here
-    except ImportError:
-        return None
-    provider: AppKeyProvider = factory(kms_url)
-    return provider
 
 
 def _parser() -> argparse.ArgumentParser:
