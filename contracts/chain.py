@@ -235,15 +235,17 @@ class Chain:
             raise ContractReverted("Revert", (), f"transaction {tx_hash.hex()} reverted")
         return receipt
 
-    def view(self, artifact: str, contract: Any, name: str, *args: Any) -> Any:
+    def view(self, artifact: str, contract: Any, name: str, *args: Any, block: int | str = "latest") -> Any:
         """A read-only call: ABI-encoded here, one `eth_call` over a kept-alive connection, decoded here.
 
         web3.py's own call path makes three JSON-RPC round trips per view; the KMS asks the chain on every
-        release, so this path matters (bench/kms_bench.py).
+        release, so this path matters (bench/kms_bench.py). `block` reads the state as it was at that block
+        number (auditors check a receipt against the chain at the run's block) instead of "latest".
         """
         data = contract.encode_abi(name, args=list(args))
+        at = hex(block) if isinstance(block, int) else block
         body = {"jsonrpc": "2.0", "id": 1, "method": "eth_call", "params": [{"to": contract.address, "data": data},
-                                                                             "latest"]}
+                                                                             at]}
         try:
             reply = self._http.post(self.rpc_url, json=body).json()
         except (httpx.TransportError, ValueError) as exc:

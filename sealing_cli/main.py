@@ -33,6 +33,7 @@ from kms_client.client import KmsClient, KmsError, KmsUnreachable
 from rich.progress import Progress
 from sealing_cli._sealed_file import SealedFileError, read_envelope, seal_file
 from sealing_cli.processes import ServiceStartError
+from sealing_cli.site import site_app
 from sealing_cli.stack import (
     DEFAULT_OWNER_NAMES,
     LocalStack,
@@ -41,6 +42,8 @@ from sealing_cli.stack import (
     default_state_dir,
     read_keystore,
 )
+from rich.markup import escape
+from sealing_cli.verify import NotAReceipt, load_receipt, render_checklist, verify_receipt
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_KEY = 1, 2, 3, 4
 
@@ -384,11 +387,89 @@ def inspect(
 def demo(
     state_dir: StateDir = None,
     small: Annotated[bool, typer.Option("--small", help="50,000 patients instead of 1.6 million (well under a minute)")] = False,
+    federated: Annotated[bool, typer.Option("--federated", help="Run three federated rounds with five sites instead")] = False,
 ) -> None:
     """Run the demo study end to end on the embedded local stack."""
+    if federated:
+        from sealing_cli.demo_federated import run_federated_demo
+
+        run_federated_demo(state_dir or default_state_dir() / "demo-federated")
+        return
     from sealing_cli.demo import run_demo
 
     run_demo(state_dir or default_state_dir() / "demo", small=small)
+
+
+@app.command()
+def verify(
+    receipt_file: Annotated[Path, typer.Argument(metavar="ATTESTATION", help="A run's attestation.json", exists=True,
+                                                 dir_okay=False, readable=True)],
+    rpc: Annotated[Optional[str], typer.Option("--rpc", help="The chain's JSON-RPC URL (default: the local "
+                                               "stack's)")] = None,
+    kms_root: Annotated[Optional[str], typer.Option("--kms-root", help="Pin the KMS root address (default: the "
+                                                    "local stack's; without one, only DstackKms's word, with a "
+                                                    "warning)")] = None,
+    collateral: Annotated[Optional[Path], typer.Option("--collateral", help="Intel DCAP collateral JSON for a real "
+                                                       "quote (default: the receipt's)", exists=True, dir_okay=False,
+                                                       readable=True)] = None,
+    allow_simulated: Annotated[bool, typer.Option("--allow-simulated", help="Accept a SIMULATED TDX quote (it proves "
+                                                  "nothing about hardware)")] = False,
+    simulated_root: Annotated[Optional[Path], typer.Option("--simulated-root", help="The simulated TDX root to pin, "
+                                                           "DER (default: the local stack's)", exists=True,
+                                                           dir_okay=False, readable=True)] = None,
+    at: Annotated[Optional[int], typer.Option("--now", help="Judge certificates and collateral at this unix time "
+                                              "(default: now)")] = None,
+    state_dir: StateDir = None, as_json: JsonFlag = False,
+) -> None:
+    """Check a run's receipt link by link from raw evidence; exit 0 only when every link holds (docs/auditor.md)."""
+    try:
+        stack = StackDescription.load(state_dir)
+    except StackError:
+        stack = None
+    rpc_url = rpc or (stack.rpc_url if stack else None)
+    if rpc_url is None:
+        fail("no chain to check the receipt against", EXIT_USAGE, "pass --rpc URL, or start a local stack (`seal up`)")
+    if kms_root is not None and not (kms_root.startswith("0x") and is_address(kms_root)):
+        fail(f"--kms-root must be a 0x-prefixed address, got {kms_root!r}", EXIT_USAGE)
+    pinned_root = kms_root or (stack.services.get("kms", {}).get("root_address") if stack else None)
+    root_der = None
+    if allow_simulated:
+        # The receipt cannot vouch for its own simulated root: it is pinned here, never read from the receipt.
+        root_path = simulated_root or ((state_dir or default_state_dir()) / "simulated-tdx" / "root.der"
+                                       if stack else None)
+        if root_path is None or not root_path.is_file():
+            fail("--allow-simulated needs a simulated TDX root to pin", EXIT_USAGE,
+                 "pass --simulated-root FILE (DER), or run against the local stack that made the receipt")
+        root_der = root_path.read_bytes()
+    try:
+        receipt = load_receipt(receipt_file.read_bytes())
+    except NotAReceipt as exc:
+        fail(escape(f"{receipt_file}: {exc}"), EXIT_REFUSED)  # the reason may quote the file: print it literally
+    try:
+        chain = Chain(rpc_url)
+    except ChainUnreachable as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}; the on-chain links cannot be checked", highlight=False)
+        chain = None
+    try:
+        report = verify_receipt(receipt, now=int(time.time()) if at is None else at, chain=chain,
+                                kms_root=pinned_root, collateral=collateral.read_text() if collateral else None,
+                                allow_simulated=allow_simulated, simulated_root_der=root_der)
+    finally:
+        if chain is not None:
+            chain.close()
+    if as_json:
+        out.print_json(json.dumps(report.to_json()))
+    else:
+        out.print(render_checklist(report), highlight=False)
+    first = report.first_failure
+    if first is not None:
+        hint = ("a SIMULATED receipt passes only with --allow-simulated" if report.simulated and not allow_simulated
+                else None)
+        fail(escape(f"link {first.number} ({first.name}) is broken: {first.reason}"),
+             EXIT_UNREACHABLE if first.unreachable else EXIT_REFUSED, hint)
+
+
+app.add_typer(site_app, name="site")
 
 
 def main() -> None:  # pragma: no cover - console entry point
