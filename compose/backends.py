@@ -28,8 +28,10 @@ With bubblewrap (``bwrap``, Debian package ``bubblewrap``) on PATH the study run
 Without bwrap the run is NOT isolated — same user, file system and network as the API — and ``isolation``
 says so in those words; there is no silent fallback. This code never installs anything.
 
-A run folder holds ``work/`` (cwd; the receipt is written there), ``sockets/`` (what the run may connect to),
-``host/`` (the agent's own socket, hidden from the run), ``agent.log`` and ``run.log``. The run is seen to be
+A run folder holds ``work/`` (cwd; the receipt is written there), ``agent.log`` and ``run.log``. The Unix
+sockets live in a short private folder under the system temp dir (an AF_UNIX path is at most 107 bytes, which a
+deep run folder exceeds), removed when the run stops: ``run/`` (what the run may connect to) and ``host/`` (the
+agent's own socket, hidden from the run). The run is seen to be
 ``signing`` when it calls the agent's ``Sign`` (the backend relays the agent socket and watches for it).
 
 Run ``python -m compose.backends --workdir DIR [--forward 127.0.0.1:PORT=SOCKET …] -- COMMAND …`` is the
@@ -49,9 +51,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -303,13 +307,19 @@ class LocalRun:
     """One study run started by :class:`LocalProcessBackend`: the agent, the study process and the relays."""
 
     def __init__(self, *, agent: ManagedProcess, study: ManagedProcess, forwarders: list[_Forwarder],
-                 signing: threading.Event, result_path: Path, log_path: Path) -> None:
+                 signing: threading.Event, result_path: Path, log_path: Path, socket_dir: Path) -> None:
+        self._socket_dir = socket_dir
         self._agent = agent
         self._study = study
         self._forwarders = forwarders
         self._signing = signing
         self.result_path = result_path
         self.log_path = log_path
+
+    @property
+    def agent_endpoint(self) -> Path:
+        """The guest-agent socket as the run sees it (DSTACK_SIMULATOR_ENDPOINT)."""
+        return self._socket_dir / "run" / "agent.sock"
 
     @property
     def signing_seen(self) -> bool:
@@ -330,6 +340,7 @@ class LocalRun:
         for forwarder in self._forwarders:
             forwarder.close()
         self._forwarders = []
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
 
 
 class LocalProcessBackend:
@@ -369,7 +380,8 @@ class LocalProcessBackend:
         raises :class:`LaunchFailed` with the agent's or the launcher's reason otherwise.
         """
         run_dir = Path(run_dir).resolve()
-        work, sockets, host = run_dir / "work", run_dir / "sockets", run_dir / "host"
+        socket_dir = Path(tempfile.mkdtemp(prefix="sealroom-"))
+        work, sockets, host = run_dir / "work", socket_dir / "run", socket_dir / "host"
         for folder in (work, sockets, host):
             folder.mkdir(parents=True, exist_ok=True)
         sealed = [Path(p).resolve() for p in sealed_files]
@@ -381,6 +393,7 @@ class LocalProcessBackend:
                 signing.set()
 
         with contextlib.ExitStack() as undo:          # unwinds only if the launch fails half way
+            undo.callback(shutil.rmtree, socket_dir, ignore_errors=True)
             try:
                 agent = boot_simulated_agent(Path(app_compose_path), app_id=self.app_id, kms_url=self.kms_url,
                                              socket_path=host / "agent.sock",
@@ -414,7 +427,7 @@ class LocalProcessBackend:
                 raise LaunchFailed(f"the study did not start: {failure}") from None
             undo.pop_all()
         return LocalRun(agent=agent, study=process, forwarders=forwarders, signing=signing,
-                        result_path=result_path, log_path=run_dir / "run.log")
+                        result_path=result_path, log_path=run_dir / "run.log", socket_dir=socket_dir)
 
 
 # --- the launcher (runs in the study's place, inside the sandbox when there is one) -----------------------------

@@ -30,3 +30,12 @@ if ! stamp_ok tools/node_modules/.sealroom-stamp "$npm_inputs"; then
   (cd tools && npm ci --no-audit --no-fund --loglevel=error)
   echo "$npm_inputs" > tools/node_modules/.sealroom-stamp
 fi
+
+# bubblewrap isolates each study run (compose/backends.py). Without it runs still work, and every run record and
+# API answer says NOT ISOLATED. Installed from Debian when this machine lets us (root with apt-get).
+if ! command -v bwrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing bubblewrap (Debian) to sandbox study runs"
+  if ! { apt-get update -qq && apt-get install -y -qq bubblewrap; } >/dev/null 2>&1; then
+    echo "setup: note: bubblewrap could not be installed; study runs will say NOT ISOLATED" >&2
+  fi
+fi

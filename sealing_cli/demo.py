@@ -8,20 +8,17 @@ Every step an owner takes is a real `seal` invocation, shown with a `$` prompt.
 
 from __future__ import annotations
 
-import json
-import os
 import shlex
 import shutil
-import subprocess
-import sys
+from contextlib import ExitStack, closing
 import time
 from pathlib import Path
 
+import httpx
 import typer
 from rich.console import Console
 from rich.rule import Rule
 
-from sealing_cli.processes import ServiceStartError
 from sealing_cli.stack import LocalStack
 
 console = Console(soft_wrap=True)
@@ -45,37 +42,68 @@ def expect(code: int, wanted: int = 0) -> None:
         raise SystemExit(f"demo: a step exited with {code}, expected {wanted}")
 
 
-def study_recipe(owners: dict[str, str]) -> bytes:
-    """The analyst's recipe: DP-SGD logistic regression on the five cohorts, ε = 1.5, model weights out."""
-    from compose.app_compose import build_app_compose, normalized_json_bytes
-    from compose.manifest import StudyManifest
+STUDY_NAME = "cardio-renal-risk"
+STUDY_YAML = ("services:\n  study:\n    image: sealroom/study-runner@sha256:" + "0" * 64 + "\n"
+              "    command: [python, -m, cvm.run]\n")
+
+
+def study_manifest(owners: dict[str, str]) -> dict:
+    """The analyst's manifest: DP-SGD logistic regression on the five cohorts, ε = 1.5, model weights out."""
     from cvm.analyses.cohorts import FEATURE_BOUNDS, OUTCOME
 
-    manifest = StudyManifest.model_validate({
-        "study": "cardio-renal-risk",
+    return {
+        "study": STUDY_NAME,
         "inputs": [{"owner": address, "name": site} for site, address in owners.items()],
         "analysis": {"kind": "dp_sgd", "params": {
             "features": {k: list(v) for k, v in FEATURE_BOUNDS.items()}, "label": OUTCOME, "model": "logistic",
             "epochs": 3, "batch_size": 8192}},
         "epsilon": EPSILON_PER_RUN, "delta": DELTA, "output_type": "model_weights",
-    })
-    compose_yaml = ("services:\n  study:\n    image: sealroom/study-runner@sha256:" + "0" * 64 + "\n"
-                    "    command: [python, -m, cvm.run]\n")
-    return normalized_json_bytes(build_app_compose("cardio-renal-risk", compose_yaml, manifest))
+    }
 
 
-def run_in_cvm(stack: LocalStack, compose_path: Path, sealed: list[Path], receipt: Path, name: str) -> int:
-    d = stack.description
-    try:
-        endpoint = stack.start_cvm(compose_path, name=name)
-    except ServiceStartError as exc:
-        console.print(f"[bold red]refused:[/] the CVM could not boot: {exc}")
-        return 1
-    argv = [sys.executable, "-m", "cvm.run", "--sealed", *map(str, sealed), "--kms-url", d.services["kms"]["url"],
-            "--rpc-url", d.rpc_url, "--dstack-kms", d.dstack_kms, "--out", str(receipt)]
-    console.print(f"[bold magenta]cvm[/] SIMULATED CVM {name} booted for compose {compose_path.name}; "
-                  f"DSTACK_SIMULATOR_ENDPOINT={endpoint}")
-    return subprocess.run(argv, env={**os.environ, "DSTACK_SIMULATOR_ENDPOINT": endpoint}).returncode
+def study_recipe(owners: dict[str, str]) -> bytes:
+    """The app-compose.json bytes the analysts' API builds for that manifest (used by bench/study_bench.py)."""
+    from compose.app_compose import build_app_compose, normalized_json_bytes
+    from compose.manifest import StudyManifest
+
+    manifest = StudyManifest.model_validate(study_manifest(owners))
+    return normalized_json_bytes(build_app_compose(STUDY_NAME, STUDY_YAML, manifest))
+
+
+class Analyst:
+    """The analyst, who only ever talks to the REST API (with a token the operator issued)."""
+
+    def __init__(self, url: str, token: str):
+        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+
+    def call(self, method: str, path: str, **kwargs) -> httpx.Response:
+        console.print(f"[bold yellow]analyst → {method} {path}[/]")
+        return self.http.request(method, path, **kwargs)
+
+    def run(self, compose_hash: str, sealed: list[Path]) -> tuple[httpx.Response, dict | None]:
+        """Start a run on the sealed files and follow it; the result when done, else the refusal."""
+        files = [("sealed", (p.name, p.read_bytes(), "application/octet-stream")) for p in sealed]
+        started = self.call("POST", f"/composes/{compose_hash}/runs", files=files)
+        if started.status_code != 202:
+            return started, None
+        run_id, seen = started.json()["run_id"], ""
+        while True:
+            view = self.http.get(f"/runs/{run_id}").json()
+            if not seen and not view["isolated"]:
+                console.print(f"  [bold red]{view['isolation']}[/]")
+            if view["state"] != seen:
+                seen = view["state"]
+                console.print(f"  run {run_id}: {seen}" + (f" — {view['reason']}" if view["reason"] else ""))
+            if seen in ("done", "failed"):
+                break
+            time.sleep(0.5)
+        if seen == "failed":
+            return started, None
+        result = self.call("GET", f"/runs/{run_id}/result")
+        return result, result.json()
+
+    def close(self) -> None:
+        self.http.close()
 
 
 def held_out_auc(payload: dict, label: str, rows: int) -> tuple[float, float]:
@@ -105,6 +133,7 @@ def held_out_auc(payload: dict, label: str, rows: int) -> tuple[float, float]:
 
 
 def run_demo(state_dir: Path, *, small: bool = False) -> None:
+    from compose.auth import issue_token
     from cvm.analyses.cohorts import OUTCOME, SITE_SIZES, generate_site, write_parquet
 
     if state_dir.exists():
@@ -114,11 +143,16 @@ def run_demo(state_dir: Path, *, small: bool = False) -> None:
     sizes = {site: max(1, round(n * (SMALL_FRACTION if small else 1))) for site, n in SITE_SIZES.items()}
     started = time.perf_counter()
     console.print(Rule(f"Sealroom demo: five owners, {sum(sizes.values()):,} patients, one DP model"))
-    with LocalStack(state_dir, owner_names=tuple(SITE_SIZES), threshold=5, epsilon_budget=EPSILON_BUDGET) as stack:
+    with ExitStack() as cleanup:
+        stack = cleanup.enter_context(LocalStack(state_dir, owner_names=tuple(SITE_SIZES), threshold=5,
+                                                 epsilon_budget=EPSILON_BUDGET))
         d = stack.description
+        api_url = stack.start_api()
         console.print(f"local stack: anvil chain {d.chain_id} at {d.rpc_url}; KMS {d.services['kms']['url']} "
-                      f"(dev mode: accepts SIMULATED quotes); DstackApp (app_id) {d.dstack_app}, threshold 5/5, "
-                      f"ε budget {EPSILON_BUDGET:g}")
+                      f"(dev mode: accepts SIMULATED quotes); analysts' API {api_url}; DstackApp (app_id) "
+                      f"{d.dstack_app}, threshold 5/5, ε budget {EPSILON_BUDGET:g}")
+        analyst = cleanup.enter_context(closing(Analyst(api_url, issue_token(Path(d.services["api"]["state_dir"]),
+                                                                             "demo-analyst"))))
 
         console.print(Rule("Each owner generates its cohort (synthetic, known ground truth) — it never leaves"))
         sources = {}
@@ -128,19 +162,21 @@ def run_demo(state_dir: Path, *, small: bool = False) -> None:
             write_parquet(generate_site(site, n, seed=100 + i), sources[site])
             console.print(f"{site:<9} {n:>8,} patients  -> {sources[site]}")
 
-        console.print(Rule("The analyst proposes the recipe: DP-SGD logistic regression, ε = 1.5, weights out"))
-        recipe = study_recipe({o.name: o.address for o in d.owners})
-        compose_path = state_dir / "app-compose.json"
-        compose_path.write_bytes(recipe)
-        from compose.app_compose import compose_hash
-
-        hx = "0x" + compose_hash(recipe).hex()
-        expect(seal("propose", "--compose-hash", hx, "--uri", compose_path.as_uri(), "--owner", "EU-West", *sd))
+        console.print(Rule("The analyst submits the recipe over REST: DP-SGD logistic regression, ε = 1.5"))
+        submitted = analyst.call("POST", "/composes", json={
+            "name": STUDY_NAME, "docker_compose": STUDY_YAML,
+            "manifest": study_manifest({o.name: o.address for o in d.owners})})
+        if submitted.status_code != 201:
+            raise SystemExit(f"demo: the API refused the compose: {submitted.text}")
+        compose = submitted.json()
+        hx = "0x" + compose["compose_hash"]
+        console.print(f"  compose hash {hx}, proposed on-chain in tx {compose['proposal']['tx']}; "
+                      f"app-compose.json for review at {compose['app_compose_url']}")
 
         console.print(Rule("Each owner reviews the recipe, approves it on-chain, and seals its cohort to it"))
-        sealed = []
         for owner in d.owners:
             expect(seal("approve", "--compose-hash", hx, "--owner", owner.name, *sd))
+        sealed = []
         for owner in d.owners:
             out = sources[owner.name].with_suffix(".sealed")
             expect(seal("dataset", str(sources[owner.name]), "--app-id", d.dstack_app, "--compose-hash", hx,
@@ -148,13 +184,14 @@ def run_demo(state_dir: Path, *, small: bool = False) -> None:
             sealed.append(out)
         expect(seal("status", "--compose-hash", hx, *sd))
 
-        console.print(Rule("The recipe runs in a SIMULATED CVM: attest, release keys, unwrap in memory, train"))
-        receipt = state_dir / "attestation.json"
+        console.print(Rule("The analyst starts the run: a SIMULATED CVM attests, gets the keys, trains in memory"))
         run_started = time.perf_counter()
-        if run_in_cvm(stack, compose_path, sealed, receipt, "cvm-run-1") != 0:
-            raise SystemExit("demo: the study run failed")
+        response, attestation = analyst.run(compose["compose_hash"], sealed)
+        if attestation is None:
+            raise SystemExit(f"demo: the study run failed: {response.text}")
+        receipt = state_dir / "attestation.json"
+        receipt.write_bytes(response.content)
         run_seconds = time.perf_counter() - run_started
-        attestation = json.loads(receipt.read_text())
         envelope = attestation["envelope"]
         payload = envelope["payload"]
         auc, truth_auc = held_out_auc(payload, OUTCOME, 100_000)
@@ -164,11 +201,14 @@ def run_demo(state_dir: Path, *, small: bool = False) -> None:
                       f"ε left {envelope['epsilon_remaining']:g}; SIMULATED TEE: {envelope['simulated']}")
         console.print(f"model AUC on a fresh cohort no owner holds: {auc:.4f} (ground-truth model: {truth_auc:.4f})")
         console.print(f"receipt: {receipt}  (envelope digest {attestation['envelope_digest'][:16]}…, run {run_seconds:.1f} s)")
+        expect(seal("verify", str(receipt), "--allow-simulated", *sd))
 
-        console.print(Rule("One owner (CH) revokes the recipe: final; the next run gets no keys and spends nothing"))
+        console.print(Rule("One owner (CH) revokes the recipe: final; the next run never starts and spends nothing"))
         expect(seal("revoke", "--compose-hash", hx, "--owner", "CH", *sd))
-        refused = run_in_cvm(stack, compose_path, sealed, state_dir / "attestation-2.json", "cvm-run-2")
-        if refused == 0:
+        refused, _ = analyst.run(compose["compose_hash"], sealed)
+        if refused.status_code != 409:
             raise SystemExit("demo: a run on a revoked recipe was not refused")
+        console.print(f"  refused ({refused.status_code}): {refused.json()['detail']}")
         expect(seal("status", "--compose-hash", hx, *sd))
     console.print(f"local stack stopped; no process left behind. Total {time.perf_counter() - started:.1f} s.")
+

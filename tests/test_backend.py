@@ -146,13 +146,17 @@ def test_stopping_a_run_ends_the_study_and_its_cvm(world):
     run_dir = world.stack.state_dir / "runs" / "stopped"
     handle = backend(world, None).launch(run_dir, world.compose_path, world.sealed)
     assert handle.poll().state == "running"
+    endpoint = handle.agent_endpoint
+    with socket.socket(socket.AF_UNIX) as probe:
+        probe.connect(str(endpoint))          # the good case: the agent answers while the run lives
     handle.stop()
     handle.stop()     # twice is harmless
     status = handle.poll()
     assert status.state == "failed" and status.reason
     assert not handle.signing_seen and not handle.result_path.exists()
     with socket.socket(socket.AF_UNIX) as probe, pytest.raises(OSError):
-        probe.connect(str(run_dir / "sockets" / "agent.sock"))
+        probe.connect(str(endpoint))
+    assert not endpoint.parent.parent.exists()        # the short socket folder is gone too
 
 
 @pytest.mark.parametrize("kms_url", ["https://127.0.0.1:8000", "http://kms.example:8000", "http://localhost:8000",
