@@ -60,6 +60,7 @@ def build_envelope(*, payload: dict[str, Any], app_id: bytes, compose_hash: byte
         "app_id": "0x" + app_id.hex(),
         "compose_hash": compose_hash.hex(),
         "chain_id": chain.chain_id,
+        "block": chain.block,          # the chain state the run saw: signed, so an auditor reads the chain there
         "dstack_app": chain.dstack_app,
         "dstack_kms": chain.dstack_kms,
         "epsilon_spent": epsilon_spent,

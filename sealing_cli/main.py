@@ -33,7 +33,7 @@ from kms_client.client import KmsClient, KmsError, KmsUnreachable
 from rich.progress import Progress
 from sealing_cli._sealed_file import SealedFileError, read_envelope, seal_file
 from sealing_cli.processes import ServiceStartError
-from sealing_cli.site import site_app
+from sealing_cli.site_cli import site_app
 from sealing_cli.stack import (
     DEFAULT_OWNER_NAMES,
     LocalStack,
@@ -54,9 +54,9 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 def fail(message: str, code: int, hint: str | None = None) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     if hint:
-        err.print(f"[bold]hint:[/] {hint}", highlight=False)
+        err.print(f"[bold]hint:[/] {escape(hint)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -444,7 +444,7 @@ def verify(
     try:
         receipt = load_receipt(receipt_file.read_bytes())
     except NotAReceipt as exc:
-        fail(escape(f"{receipt_file}: {exc}"), EXIT_REFUSED)  # the reason may quote the file: print it literally
+        fail(f"{receipt_file}: {exc}", EXIT_REFUSED)  # fail() escapes: the reason may quote the file
     try:
         chain = Chain(rpc_url)
     except ChainUnreachable as exc:

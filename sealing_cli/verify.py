@@ -25,8 +25,9 @@ Where a link needs a value that an earlier link failed to prove (the recipe when
 RTMR3 when the quote does not verify), it uses the receipt's unproven claim and says so in its facts: the report
 then shows whether everything else holds. The chain is read through the caller's connection and nothing in the
 receipt is trusted because the receipt says so; what the auditor pins is the simulated root (for SIMULATED
-quotes), Intel's root (in :mod:`cvm.attestation`) and the KMS root address. The receipt's ``chain.block`` is not
-signed, so it is bounded by the chain (not before the release, not after the head) rather than believed.
+quotes), Intel's root (in :mod:`cvm.attestation`) and the KMS root address. The block the run saw is signed in the
+envelope (``envelope.block``); ``chain.block`` must repeat it, and the chain bounds it too (not before the release,
+not after the head).
 
 Errors::
 
@@ -479,6 +480,9 @@ class _Walk:
             raise _Broken(f"chain.dstack_app is {named}, but the CVM was measured with app_id {address} "
                           "(the DstackApp's address is the app_id)")
         block = _field(recorded, "block", int, "chain.block")
+        signed_block = _field(_field(self.receipt, "envelope", dict), "block", int, "envelope.block")
+        if block != signed_block:
+            raise _Broken(f"chain.block {block} is not the block {signed_block} the CVM signed into the envelope")
         app = DstackApp(chain, address)
         with _chain_errors(chain, "DstackApp", address):
             latest = chain.w3.eth.block_number

@@ -29,7 +29,7 @@ FIRST_BROKEN: dict[FieldPath, int] = {
     ("simulated",): 1, ("collateral",): 1, ("quote",): 1,
     ("event_log",): 2,
     ("app_compose",): 3,
-    ("chain",): 4, ("envelope", "release"): 4,
+    ("chain",): 4, ("envelope", "release"): 4, ("envelope", "block"): 4,
     ("chain", "dstack_kms"): 5, ("chain", "kms_root_address"): 5, ("envelope_digest",): 5, ("signature",): 5,
     ("envelope",): 6,
 }

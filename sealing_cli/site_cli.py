@@ -1,0 +1,145 @@
+"""`seal site …`: the commands a site runs in federated rounds (logic in `sealing_cli.site`).
+
+Kept apart from that module so that every other `seal` command starts without importing torch: the heavy
+imports happen when a site command runs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+DEFAULT_GATE_TOLERANCE = 0.02   # log-loss (nats) the local update may add on local validation
+DEFAULT_ACCEPT_TOLERANCE = 0.01  # AUC the global candidate may lose against the champion
+
+# ---- `seal site …` -----------------------------------------------------------------------------------------------------
+
+site_app = typer.Typer(no_args_is_help=True, help="A site's side of federated rounds: train, accept, reject.")
+
+_AllowSimulated = Annotated[bool, typer.Option("--allow-simulated", help="Accept a SIMULATED aggregator quote "
+                                                                        "(dev stacks only; needs --simulated-root)")]
+_SimulatedRoot = Annotated[Optional[Path], typer.Option("--simulated-root", help="The pinned simulated TDX root "
+                                                        "certificate (DER)", exists=True, dir_okay=False)]
+_Data = Annotated[Path, typer.Option("--data", help="The site's own table (parquet); it never leaves",
+                                     exists=True, dir_okay=False)]
+
+
+def _cli():
+    from sealing_cli import main   # the `seal` app imports this module: resolve its helpers at call time
+
+    return main
+
+
+def _root(allow_simulated: bool, simulated_root: Path | None) -> bytes | None:
+    if allow_simulated and simulated_root is None:
+        _cli().fail("--allow-simulated needs --simulated-root (the pinned simulated TDX root)", _cli().EXIT_USAGE)
+    return simulated_root.read_bytes() if allow_simulated and simulated_root else None
+
+
+def _refuse(exc: Exception) -> None:
+    from sealing_cli.site import AggregatorNotTrusted, AggregatorUnreachable
+
+    cli = _cli()
+    if isinstance(exc, AggregatorUnreachable):
+        cli.fail(str(exc), cli.EXIT_UNREACHABLE, "is the round's aggregator running?")
+    hint = None
+    if isinstance(exc, AggregatorNotTrusted) and "SIMULATED" in exc.reason:
+        hint = "on a dev stack, pass --allow-simulated --simulated-root <state-dir>/simulated-tdx/root.der"
+    cli.fail(str(exc), cli.EXIT_REFUSED, hint)
+
+
+@site_app.command()
+def train(
+    round_compose: Annotated[Path, typer.Option("--round-compose", help="The round's app-compose.json, as approved",
+                                                exists=True, dir_okay=False)],
+    aggregator: Annotated[str, typer.Option("--aggregator", help="The round aggregator's URL")],
+    data: _Data,
+    owner: Annotated[Optional[str], typer.Option("--owner", help="A dev owner of the local stack")] = None,
+    keystore: Annotated[Optional[Path], typer.Option("--keystore", help="The site's eth-account keystore")] = None,
+    allow_simulated: _AllowSimulated = False,
+    simulated_root: _SimulatedRoot = None,
+    gate_tolerance: Annotated[float, typer.Option("--gate-tolerance", min=0.0)] = DEFAULT_GATE_TOLERANCE,
+    state_dir: Annotated[Optional[Path], typer.Option("--state-dir")] = None,
+) -> None:
+    """Attest the round's aggregator, train locally, gate, clip, sign, seal to the aggregator and send."""
+    from contracts.chain import ChainError
+    from sealing_cli.site import SiteError, SiteState, load_site_data, train_round
+
+    cli = _cli()
+    root = _root(allow_simulated, simulated_root)
+    stack = cli._stack(state_dir)
+    account = cli._signer(stack, owner, keystore)
+    site_data = load_site_data(data)
+    state = SiteState(state_dir or cli.default_state_dir(), account.address)
+    with cli._app(stack) as app:
+        try:
+            outcome = train_round(aggregator_url=aggregator, app_compose=round_compose.read_bytes(), app=app,
+                                  account=account, data=site_data, state=state, now=int(time.time()),
+                                  allow_simulated=allow_simulated, simulated_root_der=root,
+                                  gate_tolerance=gate_tolerance)
+        except (SiteError, ChainError) as exc:
+            _refuse(exc)
+    simulated = " (SIMULATED TEE)" if allow_simulated else ""
+    cli.out.print(f"round {outcome.round}: aggregator attested{simulated}; local validation AUC "
+                  f"{outcome.parent.auc:.4f} -> {outcome.trained.auc:.4f}, log-loss {outcome.parent.loss:.4f} -> "
+                  f"{outcome.trained.loss:.4f}; update norm {outcome.raw_norm:.3f} clipped to {outcome.sent_norm:.3f}; "
+                  f"sent signed and sealed (sha256 {outcome.update_sha256[:16]}…)", highlight=False)
+
+
+def _decide(keep_candidate_if_good: bool, round_number: int, data: Path, owner: str | None, keystore: Path | None,
+            allow_simulated: bool, simulated_root: Path | None, aggregator: str | None, tolerance: float,
+            state_dir: Path | None) -> None:
+    from contracts.chain import ChainError
+    from cvm.aggregator import RoundRecordInvalid
+    from sealing_cli.site import SiteError, SiteState, decide_round, load_site_data
+
+    cli = _cli()
+    root = _root(allow_simulated, simulated_root)
+    stack = cli._stack(state_dir)
+    account = cli._signer(stack, owner, keystore)
+    state = SiteState(state_dir or cli.default_state_dir(), account.address)
+    with cli._app(stack) as app:
+        try:
+            outcome = decide_round(round_number=round_number, keep_candidate_if_good=keep_candidate_if_good, app=app,
+                                   data=load_site_data(data), state=state, now=int(time.time()),
+                                   allow_simulated=allow_simulated, simulated_root_der=root,
+                                   aggregator_url=aggregator, tolerance=tolerance)
+        except (SiteError, RoundRecordInvalid, ChainError) as exc:
+            _refuse(exc)
+    d, record = outcome.decision, outcome.published.record
+    kept = "adopted the global candidate" if d.keep == "candidate" else "stays on its champion (rollback)"
+    cli.out.print(f"round {round_number}: signed round record verified{' (SIMULATED TEE)' if outcome.published.simulated else ''}; "
+                  f"candidate AUC {d.candidate_quality:.4f} vs champion {d.champion_quality:.4f} on local validation: "
+                  f"{kept}; champion digest {d.kept_digest[:16]}…", highlight=False)
+    cli.out.print(f"  record: {len(record.joined)} joined, dropped {list(record.dropped)}, rejected "
+                  f"{[(r.site, r.reason.value) for r in record.rejected]}, flagged {[f.site for f in record.flagged]}; "
+                  f"ε round {record.privacy.epsilon_round:.3f}, total {record.privacy.epsilon_spent_total:.3f}, "
+                  f"left {record.privacy.epsilon_left:.3f}", highlight=False)
+
+
+_Round = Annotated[int, typer.Option("--round", min=1, help="The round number")]
+_AggregatorOpt = Annotated[Optional[str], typer.Option("--aggregator", help="Override the aggregator URL used to train")]
+
+
+@site_app.command()
+def accept(round_number: _Round, data: _Data, owner: Annotated[Optional[str], typer.Option("--owner")] = None,
+           keystore: Annotated[Optional[Path], typer.Option("--keystore")] = None,
+           allow_simulated: _AllowSimulated = False, simulated_root: _SimulatedRoot = None,
+           aggregator: _AggregatorOpt = None,
+           tolerance: Annotated[float, typer.Option("--tolerance", min=0.0)] = DEFAULT_ACCEPT_TOLERANCE,
+           state_dir: Annotated[Optional[Path], typer.Option("--state-dir")] = None) -> None:
+    """Verify the round's signed record and adopt its model unless it is worse here than the champion."""
+    _decide(True, round_number, data, owner, keystore, allow_simulated, simulated_root, aggregator, tolerance, state_dir)
+
+
+@site_app.command()
+def reject(round_number: _Round, data: _Data, owner: Annotated[Optional[str], typer.Option("--owner")] = None,
+           keystore: Annotated[Optional[Path], typer.Option("--keystore")] = None,
+           allow_simulated: _AllowSimulated = False, simulated_root: _SimulatedRoot = None,
+           aggregator: _AggregatorOpt = None,
+           state_dir: Annotated[Optional[Path], typer.Option("--state-dir")] = None) -> None:
+    """Verify the round's signed record, score its model, and stay on the champion (checked by digest)."""
+    _decide(False, round_number, data, owner, keystore, allow_simulated, simulated_root, aggregator, 0.0, state_dir)
