@@ -163,11 +163,13 @@ def up(
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `seal down`: unwind through the stack's clean-up
     try:
         with LocalStack(directory, owner_names=DEFAULT_OWNER_NAMES[:owners], threshold=threshold,
-                        epsilon_budget=epsilon_budget) as stack:
+                        epsilon_budget=epsilon_budget, with_api=True) as stack:
             d = stack.description
             out.print(f"[green]local stack up[/]  chain {d.chain_id} at {d.rpc_url}")
             out.print(f"DstackKms {d.dstack_kms}   DstackApp (app_id) {d.dstack_app}   threshold {d.threshold}/{len(d.owners)}")
             out.print(f"KMS {d.services['kms']['url']} (dev mode: accepts SIMULATED quotes), root {d.services['kms']['root_address']}")
+            out.print(f"analysts' REST API {d.services['api']['url']} (OpenAPI at /docs); issue a token with "
+                      "`seal analyst-token NAME`")
             out.print(f"stack description: {directory / 'stack.json'}   (Ctrl-C or `seal down` stops everything)")
             if compose is not None:
                 _boot_when_approved(stack, compose.resolve())
@@ -188,6 +190,26 @@ def _boot_when_approved(stack: LocalStack, compose: Path) -> None:
     while not study.status(h).allowed:
         time.sleep(1)
     out.print(f"SIMULATED CVM guest agent: DSTACK_SIMULATOR_ENDPOINT={stack.start_cvm(compose)}")
+
+
+@app.command("analyst-token")
+def analyst_token(
+    name: Annotated[str, typer.Argument(help="The analyst's name")],
+    state_dir: StateDir = None,
+) -> None:
+    """Issue an API token for an analyst. It is printed once; only its hash is kept."""
+    from compose.auth import issue_token
+
+    stack = _stack(state_dir)
+    api = stack.services.get("api")
+    if api is None:
+        fail("the local stack runs no analysts' API", EXIT_UNREACHABLE, "start the stack with `seal up`")
+    try:
+        token = issue_token(Path(api["state_dir"]), name)
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
+    err.print(f"token for analyst {name!r} (shown once; send it as `Authorization: Bearer …`):", highlight=False)
+    out.print(token, highlight=False)
 
 
 @app.command()

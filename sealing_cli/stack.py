@@ -110,11 +110,12 @@ class LocalStack:
     """Start anvil, deploy DstackKms and one study's DstackApp for dev owners, and describe it all in stack.json."""
 
     def __init__(self, state_dir: Path, *, owner_names: tuple[str, ...] = DEFAULT_OWNER_NAMES,
-                 threshold: int | None = None, epsilon_budget: float = 3.0):
+                 threshold: int | None = None, epsilon_budget: float = 3.0, with_api: bool = False):
         self.state_dir = state_dir
         self.owner_names = owner_names
         self.threshold = threshold or len(owner_names)
         self.epsilon_budget = epsilon_budget
+        self.with_api = with_api
         self._exit = ExitStack()
         # Encrypts the KMS root at rest; lives only in this process, handed to the KMS through its environment.
         self._kms_passphrase = secrets.token_hex(32)
@@ -185,6 +186,8 @@ class LocalStack:
         )
         self.description.save(self.state_dir)
         self._exit.callback((self.state_dir / STACK_FILE).unlink, missing_ok=True)
+        if self.with_api:
+            self.start_api()   # the API reads the stack description, then adds itself to it
 
     def _start_kms(self) -> tuple[str, wire.Meta]:
         """Start the KMS in dev mode (it accepts SIMULATED quotes from this stack's simulated TDX root)."""

@@ -150,8 +150,9 @@ def test_seal_up_boots_the_cvm_once_approved_and_down_leaves_no_process(tmp_path
     up = subprocess.Popen([seal_bin, "up", "--owners", "2", "--compose", str(compose), *state],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for(lambda: (tmp_path / "stack.json").exists(), "the stack description", up)
-        pids = [StackDescription.load(tmp_path).services[s]["pid"] for s in ("anvil", "kms")]
+        _wait_for(lambda: (tmp_path / "stack.json").exists()
+                  and "api" in StackDescription.load(tmp_path).services, "the stack with its API", up)
+        pids = [StackDescription.load(tmp_path).services[s]["pid"] for s in ("anvil", "kms", "api")]
         assert seal_cli("propose", "--compose-hash", h, "--owner", "EU-West").returncode == 0
         for owner in ("EU-West", "EU-North"):
             assert seal_cli("approve", "--compose-hash", h, "--owner", owner).returncode == 0
@@ -159,6 +160,15 @@ def test_seal_up_boots_the_cvm_once_approved_and_down_leaves_no_process(tmp_path
         pids.append(StackDescription.load(tmp_path).services["cvm"]["pid"])
         status = seal_cli("status")
         assert status.returncode == 0 and "service cvm" in status.stdout and "simulated=True" in status.stdout
+        token = seal_cli("analyst-token", "alice")
+        assert token.returncode == 0 and "shown once" in token.stderr
+        api = StackDescription.load(tmp_path).services["api"]["url"]
+        import httpx
+
+        assert httpx.get(f"{api}/runs/0123456789abcdef").status_code == 401
+        authorised = httpx.get(f"{api}/runs/0123456789abcdef",
+                               headers={"Authorization": f"Bearer {token.stdout.strip()}"})
+        assert authorised.status_code == 404           # let in, and told there is no such run
         assert seal_cli("down").returncode == 0
         assert up.wait(timeout=30) == 0
     finally:
