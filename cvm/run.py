@@ -23,15 +23,7 @@ from eth_keys import keys as eth_keys
 from eth_utils import to_checksum_address
 
 from contracts.chain import Chain, ChainError, DstackApp, DstackKms
-from cvm.analyses import (
-    AnalysisError,
-    OutputGate,
-    PrivacyLoss,
-    StatsRequest,
-    TrainingSpec,
-    run_dp_sgd,
-    run_dp_stats,
-)
+from cvm.analyses import AnalysisError, OutputGate, PrivacyLoss, StatsRequest, run_dp_stats
 from cvm.receipt import ChainEvidence, build_envelope, sign_and_attest, write_attestation
 from cvm.unwrap import UnwrapError, unwrap_datasets
 from kms_client.client import KmsClient, KmsError
@@ -79,6 +71,8 @@ def run_study(sealed_files: Sequence[Path], *, dstack: DstackClient, kms: KmsCli
     if manifest.analysis.kind == "dp_stats":
         result = run_dp_stats(table, StatsRequest.from_params(manifest.analysis.params), budget)
     elif manifest.analysis.kind == "dp_sgd":
+        from cvm.analyses.dpsgd import TrainingSpec, run_dp_sgd   # torch and Opacus, only when training
+
         result = run_dp_sgd(table, TrainingSpec.from_params(manifest.analysis.params), budget).model
     else:
         raise StudyRunError(f"analysis kind {manifest.analysis.kind!r} is not run by a study CVM")

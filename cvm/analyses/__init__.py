@@ -18,7 +18,6 @@ Exceptions::
 """
 
 from cvm.analyses.cohorts import FEATURE_BOUNDS, FEATURES, GROUND_TRUTH, OUTCOME, SITE_SIZES, generate_cohorts, generate_site, write_parquet
-from cvm.analyses.dpsgd import DPModel, TrainingRun, TrainingSpec, run_dp_sgd
 from cvm.analyses.errors import AnalysisError, BudgetTooSmall, MissingBounds, OutputRefused
 from cvm.analyses.gate import OutputGate
 from cvm.analyses.loss import PrivacyLoss
@@ -63,3 +62,19 @@ __all__ = [
     "run_dp_stats",
     "write_parquet",
 ]
+
+# DP-SGD needs torch and Opacus (seconds to import); load them only when a DP-SGD name is first used, so that
+# statistics-only studies and the owners' tools start fast.
+_DPSGD_NAMES = frozenset({"DPModel", "TrainingRun", "TrainingSpec", "run_dp_sgd"})
+
+
+def __getattr__(name: str):
+    if name in _DPSGD_NAMES:
+        from cvm.analyses import dpsgd
+
+        return getattr(dpsgd, name)
+    raise AttributeError(f"module 'cvm.analyses' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _DPSGD_NAMES)

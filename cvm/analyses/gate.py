@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from cvm.analyses.errors import OutputRefused
 from cvm.analyses.loss import PrivacyLoss
@@ -59,7 +59,9 @@ def _dimensions(value: object, path: str) -> Iterator[tuple[str, int]]:
         raise OutputRefused(f"{path} is an Arrow {type(value).__name__}: row-level data never leaves")
     if isinstance(value, _LEAVES):
         return
-    if isinstance(value, np.ndarray) or isinstance(value, torch.Tensor):
+    # A torch tensor can only exist if torch was imported: the gate does not import it for its own sake.
+    torch = sys.modules.get("torch")
+    if isinstance(value, np.ndarray) or (torch is not None and isinstance(value, torch.Tensor)):
         for size in value.shape:
             yield path, int(size)
     elif isinstance(value, (bytes, bytearray)):
