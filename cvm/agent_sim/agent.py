@@ -32,6 +32,7 @@ from cvm.sim_tdx import (
     mr_config_id_v1,
 )
 from cvm.tdx_quote import parse_quote_unverified
+from kms.keys import app_key_issued_digest
 
 __all__ = [
     "AgentSimError",
@@ -236,7 +237,7 @@ class GuestAgentSimulator:
             raise AppKeyGrantRejected("the grant names a KMS root other than the one measured at boot")
         try:
             app_public_key = keys.public_key_of("secp256k1", grant.k256_key)
-            signer = keys.recover_signer(grant.k256_signature, keys.kms_issued_hash(self._app_id, app_public_key))
+            signer = keys.recover_signer(grant.k256_signature, app_key_issued_digest(self._app_id, app_public_key))
         except ValueError:
             raise AppKeyGrantRejected("the grant's app key or KMS signature is malformed") from None
         if signer != grant.kms_root_pubkey:

@@ -28,7 +28,6 @@ __all__ = [
     "GET_KEY_ALGORITHMS",
     "SIGN_ALGORITHMS",
     "derive_path_key",
-    "kms_issued_hash",
     "normalize_algorithm",
     "public_key_of",
     "purpose_hash",
@@ -66,11 +65,6 @@ def public_key_of(algorithm: str, private_key: bytes) -> bytes:
 def purpose_hash(purpose: str, public_key: bytes) -> bytes:
     """What the app key signs for a derived key: ``keccak256(f"{purpose}:{hex(pubkey)}")``."""
     return keccak(f"{purpose}:{public_key.hex()}".encode("utf-8"))
-
-
-def kms_issued_hash(app_id: bytes, app_public_key: bytes) -> bytes:
-    """What the KMS root signs for an app key: ``keccak256(b"dstack-kms-issued:" ‖ app_id ‖ pubkey33)``."""
-    return keccak(b"dstack-kms-issued:" + app_id + app_public_key)
 
 
 def sign_recoverable(private_key: bytes, message_hash: bytes) -> bytes:
