@@ -73,3 +73,17 @@ def test_a_run_on_a_revoked_compose_is_refused(api, allowed):
         reply = client.post(f"/composes/{h}/runs", files=uploads(sealed))
     assert reply.status_code == 409 and "Compose hash revoked" in reply.json()["detail"]
     assert run_folders(api) == before
+
+
+def test_a_manifest_asking_for_row_level_output_is_refused_before_anything_is_proposed(api):
+    """The output type is fixed by the manifest schema and enforced again by the CVM's gate
+    (tests/test_output_gate.py): a row-level output never even becomes a recipe owners could approve."""
+    from tests.test_api_composes import submission
+
+    row_level = submission(api.owners, study="row-level-test")
+    row_level["manifest"]["output_type"] = "row_level"
+    block = api.stack.chain.w3.eth.block_number
+    with api.client() as client:
+        refused = client.post("/composes", json=row_level)
+    assert refused.status_code == 422 and "output_type" in refused.text
+    assert api.stack.chain.w3.eth.block_number == block          # nothing proposed on-chain
