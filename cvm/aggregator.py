@@ -56,13 +56,12 @@ from typing import Any, Literal
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from dstack_sdk import DstackClient
-from eth_keys import keys as eth_keys
 from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from compose.app_compose import ComposeError, build_app_compose, manifest_from_app_compose, normalized_json_bytes
 from compose.manifest import StudyManifest
-from contracts.chain import Chain, ChainError, DstackApp, DstackKms
+from contracts.chain import Chain, ChainError
 from cvm.attestation import AttestationError, verify_attestation
 from cvm.federated import (
     AccountantState,
@@ -76,7 +75,7 @@ from cvm.federated import (
     vector_digest,
 )
 from cvm.federated.dp import GaussianNoise
-from cvm.receipt import ChainEvidence, build_envelope, envelope_digest, sign_and_attest, write_attestation
+from cvm.receipt import build_envelope, chain_evidence, envelope_digest, sign_and_attest, write_attestation
 from cvm.unwrap import UnwrapError, measured_recipe
 from kms_client.box import BoxOpenFailed, SealedAnswer, open_answer, raw_public
 from kms_client.client import KmsClient, KmsError
@@ -382,13 +381,8 @@ class RoundAggregator:
 
         # The ε goes on-chain before anything leaves: a refusal here (budget, revoked recipe) releases nothing.
         spend = self.kms.record_round_spend(attest, self.app_compose, record.privacy.epsilon_round)
-        app = DstackApp(self.chain, to_checksum_address(self.app_id))
-        root = DstackKms(self.chain, self.dstack_kms).kms_root_pubkey()
-        evidence = ChainEvidence(
-            chain_id=self.chain.chain_id, dstack_app=app.address, dstack_kms=to_checksum_address(self.dstack_kms),
-            kms_root_address=eth_keys.PublicKey.from_compressed_bytes(root).to_checksum_address(),
-            block=self.chain.w3.eth.block_number, approvals=app.approval_events(self.compose_hash),
-        )
+        evidence = chain_evidence(self.chain, app_id=self.app_id, dstack_kms=self.dstack_kms,
+                                  compose_hash=self.compose_hash)
         payload = {"output_type": ROUND_PAYLOAD_TYPE, "record": record.model_dump(mode="json"),
                    "accountant_state": state.model_dump(mode="json")}
         envelope = build_envelope(

@@ -24,7 +24,11 @@ from typing import Any
 
 from dstack_sdk import DstackClient
 
+from eth_keys import keys as eth_keys
+from eth_utils import to_checksum_address
+
 from compose.app_compose import normalized_json_bytes
+from contracts.chain import Chain, DstackApp, DstackKms
 
 RESULT_FORMAT = "sealroom-result/v1"
 ATTESTATION_FORMAT = "sealroom-attestation/v1"
@@ -46,6 +50,17 @@ class ChainEvidence:
     kms_root_address: str
     block: int
     approvals: list[dict]
+
+
+def chain_evidence(chain: Chain, *, app_id: bytes, dstack_kms: str, compose_hash: bytes) -> ChainEvidence:
+    """What the chain says at run time: the block, the KMS root registered in DstackKms, and who approved."""
+    app = DstackApp(chain, to_checksum_address(app_id))
+    root = DstackKms(chain, dstack_kms).kms_root_pubkey()
+    return ChainEvidence(
+        chain_id=chain.chain_id, dstack_app=app.address, dstack_kms=to_checksum_address(dstack_kms),
+        kms_root_address=eth_keys.PublicKey.from_compressed_bytes(root).to_checksum_address(),
+        block=chain.w3.eth.block_number, approvals=app.approval_events(compose_hash),
+    )
 
 
 def build_envelope(*, payload: dict[str, Any], app_id: bytes, compose_hash: bytes, chain: ChainEvidence,

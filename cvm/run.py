@@ -19,12 +19,10 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 from dstack_sdk import DstackClient
-from eth_keys import keys as eth_keys
-from eth_utils import to_checksum_address
 
-from contracts.chain import Chain, ChainError, DstackApp, DstackKms
+from contracts.chain import Chain, ChainError
 from cvm.analyses import AnalysisError, OutputGate, PrivacyLoss, StatsRequest, run_dp_stats
-from cvm.receipt import ChainEvidence, build_envelope, sign_and_attest, write_attestation
+from cvm.receipt import build_envelope, chain_evidence, sign_and_attest, write_attestation
 from cvm.unwrap import UnwrapError, unwrap_datasets
 from kms_client.client import KmsClient, KmsError
 from sealing_cli import SealedFileError
@@ -81,13 +79,7 @@ def run_study(sealed_files: Sequence[Path], *, dstack: DstackClient, kms: KmsCli
     seconds["analysis"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    app = DstackApp(chain, to_checksum_address(inputs.app_id))
-    root = DstackKms(chain, dstack_kms).kms_root_pubkey()
-    evidence = ChainEvidence(
-        chain_id=chain.chain_id, dstack_app=app.address, dstack_kms=to_checksum_address(dstack_kms),
-        kms_root_address=eth_keys.PublicKey.from_compressed_bytes(root).to_checksum_address(),
-        block=chain.w3.eth.block_number, approvals=app.approval_events(inputs.compose_hash),
-    )
+    evidence = chain_evidence(chain, app_id=inputs.app_id, dstack_kms=dstack_kms, compose_hash=inputs.compose_hash)
     release = inputs.release
     envelope = build_envelope(
         payload=result_payload(released), app_id=inputs.app_id, compose_hash=inputs.compose_hash, chain=evidence,

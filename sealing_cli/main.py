@@ -487,7 +487,7 @@ def verify(
     if first is not None:
         hint = ("a SIMULATED receipt passes only with --allow-simulated" if report.simulated and not allow_simulated
                 else None)
-        fail(escape(f"link {first.number} ({first.name}) is broken: {first.reason}"),
+        fail(f"link {first.number} ({first.name}) is broken: {first.reason}",
              EXIT_UNREACHABLE if first.unreachable else EXIT_REFUSED, hint)
 
 

@@ -214,7 +214,9 @@ def test_the_recorded_block_is_bounded_by_the_chain(run):
     release_block = verify(receipt).link("on-chain").facts["release"]["block"]
 
     def at(block: int) -> VerificationReport:
-        return verify({**receipt, "chain": {**receipt["chain"], "block": block}})
+        # Both places that name the block (the envelope's copy is signed: link 6 breaks too, later).
+        return verify({**receipt, "chain": {**receipt["chain"], "block": block},
+                       "envelope": {**receipt["envelope"], "block": block}})
 
     before_threshold = at(approvals[0]["block"]).link("on-chain")
     assert before_threshold.status == "failed" and "not allowed (1 of 2 approvals)" in before_threshold.reason
@@ -222,9 +224,14 @@ def test_the_recorded_block_is_bounded_by_the_chain(run):
     assert before_release.status == "failed" and "after the recorded block" in before_release.reason
     beyond = at(10**9).link("on-chain")
     assert beyond.status == "failed" and "is not on this chain" in beyond.reason
-    # chain.block is not signed: a later block at which the chain says the same thing cannot be told apart.
+    # The block is signed into the envelope: chain.block alone cannot be moved, even to a block where the chain
+    # says the same thing, and moving both breaks the digest the quote binds.
     chain.w3.provider.make_request("evm_mine", [])
-    assert at(receipt["chain"]["block"] + 1).ok
+    later = receipt["chain"]["block"] + 1
+    alone = verify({**receipt, "chain": {**receipt["chain"], "block": later}}).first_failure
+    assert alone.number == 4 and "the CVM signed into the envelope" in alone.reason
+    both = at(later)
+    assert both.link("on-chain").holds and both.first_failure.number == 6   # the quote binds the digest
 
 
 def quote_positions(quote: bytes) -> list[int]:
