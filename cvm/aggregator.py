@@ -1,7 +1,8 @@
 """The federated aggregator: one round, served from inside its (SIMULATED) CVM (DESIGN.md §7).
 
     python -m cvm.aggregator --port P --kms-url URL --rpc-url URL --dstack-kms ADDR --parent model.f32 \\
-        --out-dir DIR [--previous round-1.attestation.json --allow-simulated --simulated-root root.der]
+        --out-dir DIR [--evaluation reference.parquet] \\
+        [--previous round-1.attestation.json --allow-simulated --simulated-root root.der]
 
 Each round is its own recipe: the round contract (``cvm.federated.RoundContract``) sits in the measured
 app-compose.json as a ``fed_round`` study manifest whose inputs are the sites (the DstackApp owners), so the
@@ -21,8 +22,9 @@ HTTP on loopback (the wire models below are shared with the site side, ``sealing
   site heard from, or the deadline passed). The service also closes by itself on both conditions.
 - ``GET /result``: the round's outcome; once published, the candidate model and the signed round record.
 
-Closing: ``run_round`` (budget, validation with named rejections, anomaly flags, robust aggregate, DP noise)
-→ the KMS records the round's ε on-chain (``KmsClient.record_round_spend``) BEFORE anything is released → the
+Closing: ``run_round`` (budget, validation with named rejections, anomaly flags, robust aggregate, DP noise,
+then the parent and the candidate scored on the public reference cohort the contract names by digest, given
+with ``--evaluation``: the record's metrics) → the KMS records the round's ε on-chain (``KmsClient.record_round_spend``) BEFORE anything is released → the
 record is signed and attested in the study's Sign-RPC envelope (``cvm.receipt``; payload ``output_type``
 ``round_record``) and published with the weights. A refusal anywhere releases nothing.
 
@@ -51,7 +53,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -79,6 +81,9 @@ from cvm.receipt import build_envelope, chain_evidence, envelope_digest, sign_an
 from cvm.unwrap import UnwrapError, measured_recipe
 from kms_client.box import BoxOpenFailed, SealedAnswer, open_answer, raw_public
 from kms_client.client import KmsClient, KmsError
+
+if TYPE_CHECKING:   # torch: loaded only by rounds that evaluate centrally
+    from cvm.federated.task import ReferenceCohort
 
 AGGREGATOR_REPORT_LABEL = b"sealroom-fed-aggregator/v1:"
 UPDATE_BOX_LABEL = b"sealroom-fed-update-box/v1:"
@@ -290,6 +295,18 @@ def verify_round_attestation(attestation: Mapping[str, Any], *, app_id: bytes, n
 
 # ---- the round ----------------------------------------------------------------------------------------------------
 
+def check_reference(contract: RoundContract, sha256: str | None) -> None:
+    """The reference cohort given (by its file's sha256) is the one the measured contract names, or ValueError."""
+    expected = contract.evaluation_sha256
+    if expected is None and sha256 is not None:
+        raise ValueError("the round contract names no reference cohort; an evaluation file would not be measured")
+    if expected is not None and sha256 is None:
+        raise ValueError(f"the round contract evaluates on the reference cohort with sha256 {expected}; "
+                         "pass that file with --evaluation")
+    if expected != sha256:
+        raise ValueError(f"the evaluation file has sha256 {sha256}, not the {expected} the round contract names")
+
+
 @dataclass
 class _Outcome:
     state: Literal["open", "published", "failed"] = "open"
@@ -303,6 +320,7 @@ class RoundAggregator:
     """One round's state machine; transport-free (the FastAPI app below is a thin shell over it).
 
     ``chain`` reads the contracts for the receipt; ``kms`` records the spend; ``clock`` gives unix seconds.
+    ``reference`` is the public reference cohort the contract names by digest (None when it names none).
     """
 
     dstack: DstackClient
@@ -314,6 +332,7 @@ class RoundAggregator:
     out_dir: Path
     clock: Callable[[], float] = time.time
     noise: GaussianNoise | None = None
+    reference: ReferenceCohort | None = None
     _key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate, repr=False)
     _updates: list[SignedUpdate] = field(default_factory=list, repr=False)
     _outcome: _Outcome = field(default_factory=_Outcome)
@@ -325,6 +344,7 @@ class RoundAggregator:
         except UnwrapError as exc:
             raise RecipeNotARound(str(exc)) from None
         self.manifest, self.contract = round_contract_of(self.app_compose)
+        check_reference(self.contract, None if self.reference is None else self.reference.sha256)
         if vector_digest(self.parent) != self.contract.parent_digest:
             raise ValueError("the parent weights do not hash to the round contract's parent_digest")
         if self.accountant_state.last_round != self.contract.round - 1:
@@ -373,7 +393,8 @@ class RoundAggregator:
 
     def _close(self) -> None:
         weights, record, state = run_round(self.contract, self.parent, list(self._updates), now=self.clock(),
-                                           accountant_state=self.accountant_state, noise=self.noise)
+                                           accountant_state=self.accountant_state, noise=self.noise,
+                                           evaluate=None if self.reference is None else self.reference.evaluate)
 
         def attest(report_data: bytes) -> tuple[bytes, str]:
             quote = self.dstack.get_quote(report_data)
@@ -452,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--previous", type=Path, help="the previous round's attestation.json (round > 1)")
     parser.add_argument("--allow-simulated", action="store_true", help="accept a SIMULATED previous record")
     parser.add_argument("--simulated-root", type=Path, help="the pinned simulated TDX root (DER)")
+    parser.add_argument("--evaluation", type=Path, help="the public reference cohort the round contract names")
     args = parser.parse_args(argv)
     import uvicorn
 
@@ -468,9 +490,14 @@ def main(argv: list[str] | None = None) -> int:
                 parent_digest = vector_digest(np.frombuffer(args.parent.read_bytes(), "<f4").copy())
                 if previous.record.lineage.child != parent_digest:
                     raise RoundRecordInvalid("the previous round did not produce this round's parent model")
+            reference = None
+            if args.evaluation is not None:
+                from cvm.federated.task import ReferenceCohort
+
+                reference = ReferenceCohort.load(args.evaluation)
             aggregator = RoundAggregator(dstack=dstack, kms=kms, chain=chain, dstack_kms=args.dstack_kms,
                                          parent=np.frombuffer(args.parent.read_bytes(), "<f4").copy(),
-                                         accountant_state=state, out_dir=args.out_dir)
+                                         accountant_state=state, out_dir=args.out_dir, reference=reference)
             stop = threading.Event()
             closer = threading.Thread(target=aggregator.run_closer, args=(stop,), daemon=True)
             closer.start()

@@ -6,16 +6,17 @@ eligible sites, clip norm, noise, trimmed-mean aggregator, deadline, ε) is in t
 sites approve it on-chain, and only then does a SIMULATED CVM boot the aggregator for it. In round 2 one site
 drops out; in every round one site poisons (a sign-flipped, scaled update, clipped so it passes the norm
 check: the robust aggregator and the anomaly flags are what limit it). Every site step is a real `seal`
-invocation, shown with a `$` prompt. The metrics printed per round: global quality (AUC on a fresh cohort no
-site holds), the per-site quality distribution and worst-site regression (each site's local validation),
-participation, rejections, poisoning flags, rollbacks.
+invocation, shown with a `$` prompt. The metrics printed per round come from the signed round record: global
+quality and the per-site quality distribution and worst-site regression (AUC on a public reference cohort drawn
+from each site's population, named by digest in the contract and scored inside the CVM), participation,
+rejections, poisoning flags; and the rollbacks the sites' own accept decisions made.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pyarrow as pa
 from rich.console import Console
 from rich.rule import Rule
 
@@ -32,6 +34,7 @@ from sealing_cli.stack import LocalStack, read_keystore
 
 console = Console(soft_wrap=True)
 SITE_ROWS = 6_000
+REFERENCE_ROWS = 4_000
 ROUNDS = 3
 DROPOUT = {2: "US-East"}
 POISONER = "APAC"
@@ -42,7 +45,7 @@ ON_TIME_S = 25.0        # each round's deadline, counted from when its recipe is
 
 
 def start_round_aggregator(stack: LocalStack, compose_path: Path, parent_path: Path, out_dir: Path, *, name: str,
-                           previous: Path | None = None) -> tuple[ManagedProcess, str]:
+                           previous: Path | None = None, evaluation: Path | None = None) -> tuple[ManagedProcess, str]:
     """Boot a SIMULATED CVM for the round compose and start ``python -m cvm.aggregator`` inside it; return
     the process and its loopback URL. Raises ServiceStartError when the CVM may not boot (not approved)."""
     d = stack.description
@@ -53,6 +56,8 @@ def start_round_aggregator(stack: LocalStack, compose_path: Path, parent_path: P
     argv = [sys.executable, "-m", "cvm.aggregator", "--port", str(port), "--kms-url", d.services["kms"]["url"],
             "--rpc-url", d.rpc_url, "--dstack-kms", d.dstack_kms, "--parent", str(parent_path),
             "--out-dir", str(out_dir)]
+    if evaluation is not None:
+        argv += ["--evaluation", str(evaluation)]
     if previous is not None:
         argv += ["--previous", str(previous), "--allow-simulated", "--simulated-root", str(root)]
 
@@ -107,20 +112,13 @@ def _poison(site: _Site, url: str, compose: bytes, stack: LocalStack, root: byte
     console.print(f"[bold red]{site.name}[/] (malicious) sent a sign-flipped ×10 update clipped to the norm")
 
 
-def _global_auc(weights: np.ndarray) -> float:
-    from cvm.analyses.cohorts import generate_site
-    from cvm.analyses.dpsgd import prepare_features
-    from sealing_cli.site import TASK, local_quality
-
-    return local_quality(weights, prepare_features(generate_site("EU-West", 20_000, seed=2026), TASK)).auc
-
-
 def run_federated_demo(state_dir: Path) -> None:
     from compose.app_compose import compose_hash
     from cvm.aggregator import build_round_compose
     from cvm.analyses.cohorts import SITE_SIZES, generate_site, write_parquet
     from cvm.federated import RoundContract, vector_digest
-    from sealing_cli.site import NUM_PARAMETERS, SiteState
+    from cvm.federated.task import NUM_PARAMETERS
+    from sealing_cli.site import SiteState
 
     if state_dir.exists():
         shutil.rmtree(state_dir)
@@ -144,6 +142,12 @@ def run_federated_demo(state_dir: Path) -> None:
             sites.append(_Site(owner.name, owner.address, key, path))
         console.print(f"each site holds {SITE_ROWS:,} synthetic patients with its own case mix (non-IID); "
                       f"{POISONER} is malicious; {', '.join(f'{s} drops out of round {r}' for r, s in DROPOUT.items())}")
+        reference = state_dir / "reference-cohort.parquet"
+        write_parquet(pa.concat_tables([generate_site(name, REFERENCE_ROWS, seed=2026) for name in SITE_SIZES]),
+                      reference)
+        reference_sha256 = hashlib.sha256(reference.read_bytes()).hexdigest()
+        console.print(f"public reference cohort for central evaluation: {REFERENCE_ROWS:,} rows per site population, "
+                      f"no site's own rows; sha256 {reference_sha256[:16]}… goes into every round contract")
 
         parent = np.zeros(NUM_PARAMETERS, dtype="<f4")
         previous: Path | None = None
@@ -159,7 +163,7 @@ def run_federated_demo(state_dir: Path) -> None:
                 eligible_sites=tuple(s.address for s in sites), local_epochs=2, local_batch_size=256, clip_norm=1.0,
                 noise_multiplier=1.0, noise="opendp", aggregator="trimmed_mean", trim_fraction=0.2,
                 min_participants=3, deadline=int(time.time() + ON_TIME_S), epsilon_per_round=EPSILON_PER_ROUND,
-                epsilon_total=EPSILON_TOTAL, delta=DELTA)
+                epsilon_total=EPSILON_TOTAL, delta=DELTA, evaluation_sha256=reference_sha256)
             compose = build_round_compose("cardio-fed", contract, {s.name: s.address for s in sites})
             compose_path = records_dir / f"round-{round_number}.app-compose.json"
             compose_path.write_bytes(compose)
@@ -170,7 +174,8 @@ def run_federated_demo(state_dir: Path) -> None:
             for site in sites:
                 expect(seal("approve", "--compose-hash", hx, "--owner", site.name, *sd))
             process, url = start_round_aggregator(stack, compose_path, parent_path, records_dir,
-                                                  name=f"round-{round_number}", previous=previous)
+                                                  name=f"round-{round_number}", previous=previous,
+                                                  evaluation=reference)
             try:
                 console.print(f"[bold magenta]cvm[/] SIMULATED CVM booted; aggregator for round {round_number} at {url}")
                 for site in sites:
@@ -188,29 +193,25 @@ def run_federated_demo(state_dir: Path) -> None:
                 if status["state"] != "published":
                     raise SystemExit(f"demo: round {round_number} failed: {status['error']}")
                 console.print(Rule(f"Round {round_number}: each site verifies the signed record and decides"))
-                qualities = {}
                 for site in sites:
                     if DROPOUT.get(round_number) == site.name or site.name == POISONER:
                         continue
                     before = SiteState(state_dir, site.address).load()["champion"]["digest"]
                     expect(seal("site", "accept", "--round", str(round_number), "--data", str(site.data),
                                 "--owner", site.name, *sim, *sd))
-                    entry = SiteState(state_dir, site.address).load()
-                    qualities[site.name] = entry["rounds"][str(round_number)]["decision"]
-                    rollbacks += entry["champion"]["digest"] == before
+                    rollbacks += SiteState(state_dir, site.address).load()["champion"]["digest"] == before
             finally:
                 process.stop()
             attestation_path = records_dir / f"round-{round_number}.attestation.json"
             record = json.loads(attestation_path.read_text())["envelope"]["payload"]["record"]
             candidate = np.frombuffer((records_dir / f"round-{round_number}.model.f32").read_bytes(), "<f4").copy()
-            regressions = {n: q["champion_auc"] - q["candidate_auc"] for n, q in qualities.items()}
-            worst = max(regressions, key=regressions.get)
-            aucs = [q["candidate_auc"] for q in qualities.values()]
+            m = record["metrics"]
+            worst = m["worst_site_regression"]
             console.print(
-                f"[bold]round {round_number} metrics[/]: global AUC {_global_auc(parent):.4f} -> "
-                f"{_global_auc(candidate):.4f} (fresh cohort no site holds); per-site candidate AUC min "
-                f"{min(aucs):.4f} / median {statistics.median(aucs):.4f} / max {max(aucs):.4f}; worst-site "
-                f"regression {worst} {regressions[worst]:+.4f}; participation {len(record['joined'])}/{len(sites)} "
+                f"[bold]round {round_number} metrics[/] (signed record): global AUC {m['parent_global_quality']:.4f} -> "
+                f"{m['global_quality']:.4f} on the reference cohort; per-site AUC min {m['per_site_min']:.4f} / "
+                f"median {m['per_site_median']:.4f} / max {m['per_site_max']:.4f}; worst-site regression: "
+                f"{worst['site']} AUC {worst['parent_quality']:.4f} -> {worst['new_quality']:.4f}; participation {len(record['joined'])}/{len(sites)} "
                 f"(dropped {len(record['dropped'])}); rejections {len(record['rejected'])}; poisoning alerts "
                 f"{[f['site'][:10] for f in record['flagged']]}; rollbacks so far {rollbacks}; ε round "
                 f"{record['privacy']['epsilon_round']:.3f}, total {record['privacy']['epsilon_spent_total']:.3f}, "

@@ -19,8 +19,7 @@ by more than the tolerance (``cvm.federated.accept_or_rollback``); ``reject`` st
 state (champion weights + digest, what it did each round) lives in ``<state-dir>/sites/<address>/``; the
 champion is re-checked against its digest whenever it is used, so a rollback is verified by digest.
 
-The task is fixed here: the cohort features of ``cvm.analyses.cohorts`` on their public bounds, label
-``mace_5y``; the model vector is the logistic regression's weights then its bias (float32).
+The task (model and quality) is ``cvm.federated.task``: a logistic risk model on the cohort features.
 
 Exceptions::
 
@@ -66,8 +65,7 @@ from cvm.aggregator import (
     verify_round_attestation,
     weights_from_hex,
 )
-from cvm.analyses.cohorts import FEATURE_BOUNDS, OUTCOME
-from cvm.analyses.dpsgd import Features, TrainingSpec, prepare_features, roc_auc
+from cvm.analyses.dpsgd import Features, prepare_features
 from cvm.attestation import AttestationError, verify_attestation
 from cvm.federated import (
     RoundContract,
@@ -78,11 +76,10 @@ from cvm.federated import (
     sign_update,
     vector_digest,
 )
+from cvm.federated.task import TASK, Quality, as_module, as_vector, quality
 from kms_client.box import seal_answer
 from sealing_cli.site_cli import DEFAULT_ACCEPT_TOLERANCE, DEFAULT_GATE_TOLERANCE
 
-TASK = TrainingSpec(features=FEATURE_BOUNDS, label=OUTCOME)
-NUM_PARAMETERS = len(TASK.features) + 1
 VALIDATION_FRACTION = 0.2
 LEARNING_RATE = 0.5
 
@@ -134,42 +131,13 @@ def load_site_data(path: Path) -> SiteData:
     return SiteData(train=pick(order[:cut]), valid=pick(order[cut:]))
 
 
-def _module(weights: np.ndarray) -> nn.Linear:
-    if weights.shape != (NUM_PARAMETERS,):
-        raise ValueError(f"the model has {NUM_PARAMETERS} parameters, got {weights.shape}")
-    module = nn.Linear(NUM_PARAMETERS - 1, 1)
-    with torch.no_grad():
-        module.weight.copy_(torch.from_numpy(weights[:-1].copy()).unsqueeze(0))
-        module.bias.copy_(torch.from_numpy(weights[-1:].copy()))
-    return module
-
-
-def _vector(module: nn.Linear) -> np.ndarray:
-    with torch.no_grad():
-        return torch.cat([module.weight.reshape(-1), module.bias]).numpy().astype("<f4")
-
-
-@dataclass(frozen=True)
-class LocalQuality:
-    loss: float   # mean log-loss, lower is better
-    auc: float    # higher is better
-
-
-def local_quality(weights: np.ndarray, data: Features) -> LocalQuality:
-    """Log-loss and AUC of ``weights`` on ``data``."""
-    with torch.no_grad():
-        logits = _module(weights)(data.x).squeeze(1)
-        loss = float(nn.functional.binary_cross_entropy_with_logits(logits, data.y))
-    return LocalQuality(loss, roc_auc(logits.numpy(), data.y.numpy()))
-
-
 def train_locally(parent: np.ndarray, train: Features, contract: RoundContract, *,
                   generator: torch.Generator | None = None) -> np.ndarray:
     """Plain SGD from ``parent`` for the contract's local epochs and batch size; returns the trained weights.
 
     No local DP: the round's DP is the aggregator's noise on the clipped updates (DP-FedAvg).
     """
-    module = _module(parent)
+    module = as_module(parent)
     optimizer = torch.optim.SGD(module.parameters(), lr=LEARNING_RATE)
     loader = DataLoader(TensorDataset(train.x, train.y), batch_size=contract.local_batch_size, shuffle=True,
                         generator=generator)
@@ -178,7 +146,7 @@ def train_locally(parent: np.ndarray, train: Features, contract: RoundContract, 
             optimizer.zero_grad()
             nn.functional.binary_cross_entropy_with_logits(module(x).squeeze(1), y).backward()
             optimizer.step()
-    return _vector(module)
+    return as_vector(module)
 
 
 # ---- talking to the aggregator ---------------------------------------------------------------------------------------
@@ -343,8 +311,8 @@ class SiteState:
 @dataclass(frozen=True)
 class TrainOutcome:
     round: int
-    parent: LocalQuality
-    trained: LocalQuality
+    parent: Quality
+    trained: Quality
     raw_norm: float
     sent_norm: float
     update_sha256: str
@@ -362,7 +330,7 @@ def train_round(*, aggregator_url: str, app_compose: bytes, app: DstackApp, acco
         if state.load()["champion"] is None:
             state.set_champion(parent, contract.round - 1)
         trained = train_locally(parent, data.train, contract)
-        before, after = local_quality(parent, data.valid), local_quality(trained, data.valid)
+        before, after = quality(parent, data.valid), quality(trained, data.valid)
         if after.loss > before.loss + gate_tolerance:
             raise LocalGateRefused(f"the local update raises local validation log-loss from {before.loss:.4f} to "
                                    f"{after.loss:.4f} (tolerance {gate_tolerance:g}); nothing was sent")
@@ -398,7 +366,7 @@ def decide_round(*, round_number: int, keep_candidate_if_good: bool, app: Dstack
     if published.record.round != round_number:
         raise RoundRecordInvalid(f"the record is for round {published.record.round}, not {round_number}")
     champion = state.champion()
-    auc = lambda weights: local_quality(weights, data.valid).auc  # noqa: E731
+    auc = lambda weights: quality(weights, data.valid).auc  # noqa: E731
     if keep_candidate_if_good:
         decision = accept_or_rollback(champion, candidate, auc, tolerance)
     else:

@@ -38,7 +38,8 @@ def test_canonical_json_is_sorted_and_compact_and_digest_is_its_sha256():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("round", 2), ("clip_norm", 2.0), ("noise_multiplier", 1.1), ("aggregator", "coordinate_median"), ("deadline", 5)],
+    [("round", 2), ("clip_norm", 2.0), ("noise_multiplier", 1.1), ("aggregator", "coordinate_median"), ("deadline", 5),
+     ("evaluation_sha256", "ab" * 32)],
 )
 def test_every_field_changes_the_digest(field, value):
     assert contract(**{field: value}).digest() != contract().digest()
@@ -78,6 +79,8 @@ def test_lowercase_addresses_are_accepted_and_stored_checksummed():
         ({"epsilon_total": 5.0}, "must not exceed epsilon_total"),
         ({"delta": 0.0}, "delta"),
         ({"delta": 1.0}, "delta"),
+        ({"evaluation_sha256": "AB" * 32}, "evaluation_sha256"),
+        ({"evaluation_sha256": "reference.parquet"}, "evaluation_sha256"),
         ({"format": "sealroom-fed-round/v2"}, "format"),
         ({"surprise": 1}, "surprise"),
     ],
@@ -108,6 +111,6 @@ def test_from_params_refuses_a_non_mapping():
 
 def test_public_surface_is_exactly_all():
     public = {name for name in dir(federated) if not name.startswith("_")}
-    modules = {"accountant", "dp", "errors", "record", "robust", "round_contract", "rounds", "site", "strategies",
+    modules = {"accountant", "dp", "errors", "record", "robust", "round_contract", "rounds", "site", "strategies", "task",
                "updates", "validation", "vectors"}
     assert public - modules == set(federated.__all__)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
@@ -26,9 +27,9 @@ from cvm.federated import AccountantState, Reason, RoundContract, epsilon_spent,
 from cvm.sim_tdx import SimulatedTdx
 from sealing_cli.demo_federated import start_round_aggregator, wait_for_result
 from sealing_cli.main import app as seal_cli
-from sealing_cli.processes import ManagedProcess
+from sealing_cli.processes import ManagedProcess, ServiceStartError
+from cvm.federated.task import NUM_PARAMETERS, ReferenceCohort
 from sealing_cli.site import (
-    NUM_PARAMETERS,
     AggregatorNotTrusted,
     RoundNotPublished,
     SiteState,
@@ -52,6 +53,7 @@ class World:
     contract: RoundContract
     compose: bytes
     compose_path: Path
+    reference: ReferenceCohort
     aggregator: ManagedProcess
     url: str
 
@@ -94,6 +96,9 @@ def build_world(state: Path) -> tuple[LocalStack, World]:
     for i, name in enumerate((*SITES, OUTSIDER)):
         data[name] = state / f"{name}.parquet"
         write_parquet(generate_site(name, 1_500, seed=40 + i), data[name])
+    reference_path = state / "reference.parquet"
+    write_parquet(pa.concat_tables([generate_site(name, 1_000, seed=7) for name in SITES]), reference_path)
+    reference = ReferenceCohort.load(reference_path)
     parent = np.zeros(NUM_PARAMETERS, dtype="<f4")
     parent_path = state / "parent.f32"
     parent_path.write_bytes(parent.tobytes())
@@ -101,7 +106,7 @@ def build_world(state: Path) -> tuple[LocalStack, World]:
         round=1, parent_digest=vector_digest(parent), eligible_sites=tuple(accounts[s].address for s in SITES),
         local_epochs=1, local_batch_size=128, clip_norm=1.0, noise_multiplier=1.0, noise="opendp",
         aggregator="fedavg", min_participants=2, deadline=int(time.time()) + DEADLINE_S, epsilon_per_round=5.0,
-        epsilon_total=10.0, delta=1e-5)
+        epsilon_total=10.0, delta=1e-5, evaluation_sha256=reference.sha256)
     compose = build_round_compose("fed-test", contract, {s: accounts[s].address for s in SITES})
     compose_path = state / "round-1.app-compose.json"
     compose_path.write_bytes(compose)
@@ -110,8 +115,9 @@ def build_world(state: Path) -> tuple[LocalStack, World]:
     app.propose(compose_hash, compose_path.as_uri(), accounts[SITES[0]])
     for site in SITES:
         app.approve(compose_hash, accounts[site])
-    process, url = start_round_aggregator(stack, compose_path, parent_path, state / "rounds", name="round-1")
-    return stack, World(stack, accounts, data, contract, compose, compose_path, process, url)
+    process, url = start_round_aggregator(stack, compose_path, parent_path, state / "rounds", name="round-1",
+                                          evaluation=reference_path)
+    return stack, World(stack, accounts, data, contract, compose, compose_path, reference, process, url)
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +214,26 @@ def test_bad_updates_are_rejected_and_named_in_the_signed_record(world, publishe
     assert vector_digest(weights) == record.aggregate_digest == record.lineage.child
     assert record.lineage.parent == world.contract.parent_digest
     assert (world.state_dir / "rounds" / "round-1.attestation.json").exists()
+
+
+def test_the_record_carries_the_central_evaluation_on_the_contracts_reference_cohort(world, published):
+    metrics = published["attestation"]["envelope"]["payload"]["record"]["metrics"]
+    weights = np.frombuffer(bytes.fromhex(published["weights"]), "<f4").copy()
+    after, before = world.reference.evaluate(weights), world.reference.evaluate(np.zeros(NUM_PARAMETERS, "<f4"))
+    assert metrics["global_quality"] == after.quality and metrics["parent_global_quality"] == before.quality == 0.5
+    assert (metrics["per_site_min"], metrics["per_site_max"]) == (min(after.per_site.values()),
+                                                                  max(after.per_site.values()))
+    assert metrics["worst_site_regression"]["site"] in SITES   # the strata are the reference cohort's site names
+
+
+def test_an_aggregator_given_another_reference_cohort_does_not_start(world, tmp_path):
+    other = tmp_path / "other-reference.parquet"
+    write_parquet(generate_site("CH", 1_000, seed=8), other)
+    parent = tmp_path / "parent.f32"
+    parent.write_bytes(np.zeros(NUM_PARAMETERS, "<f4").tobytes())
+    with pytest.raises(ServiceStartError, match=f"not the {world.reference.sha256} the round contract names"):
+        start_round_aggregator(world.stack, world.compose_path, parent, tmp_path, name="round-1-other-reference",
+                               evaluation=other)
 
 
 def test_the_epsilon_in_the_record_is_the_accountants_and_the_on_chain_spend(world, published):

@@ -17,8 +17,9 @@ from cvm.aggregator import (
 )
 from cvm.analyses.cohorts import generate_site, write_parquet
 from cvm.federated import vector_digest
+from cvm.federated.task import NUM_PARAMETERS, quality
 from sealing_cli.main import app as seal_cli
-from sealing_cli.site import NUM_PARAMETERS, SiteState, SiteStateError, load_site_data, local_quality, train_locally
+from sealing_cli.site import SiteState, SiteStateError, load_site_data, train_locally
 from tests.test_fed_support import make_contract, make_sites, signed
 
 SITE = make_sites(1)[0]
@@ -93,7 +94,7 @@ def test_local_training_improves_local_validation(site_data):
     data = load_site_data(site_data)
     trained = train_locally(PARENT, data.train, make_contract(PARENT, [SITE], min_participants=1, local_batch_size=128))
     assert trained.dtype == np.float32 and trained.shape == PARENT.shape
-    before, after = local_quality(PARENT, data.valid), local_quality(trained, data.valid)
+    before, after = quality(PARENT, data.valid), quality(trained, data.valid)
     assert after.loss < before.loss and after.auc > 0.6
 
 

@@ -21,6 +21,8 @@ Fields, in the units the code uses:
 - ``deadline``: unix seconds; updates the transport receives after it are not handed to the aggregator.
 - ``epsilon_per_round``, ``epsilon_total``, ``delta``: the (ε, δ) budget; the accountant refuses a round
   whose spend exceeds either ε limit, before it looks at any update.
+- ``evaluation_sha256`` (optional): sha256 of the public reference cohort (Parquet bytes) the aggregator
+  scores the parent and the candidate on (``cvm.federated.task``); the record's metrics come from it.
 """
 
 from __future__ import annotations
@@ -79,11 +81,17 @@ class RoundContract(BaseModel):
     epsilon_per_round: StrictFloat
     epsilon_total: StrictFloat
     delta: StrictFloat
+    evaluation_sha256: StrictStr | None = None
 
     @field_validator("parent_digest")
     @classmethod
     def _parent_digest(cls, value: str) -> str:
         return check_hex_digest(value, "parent_digest")
+
+    @field_validator("evaluation_sha256")
+    @classmethod
+    def _evaluation_sha256(cls, value: str | None) -> str | None:
+        return None if value is None else check_hex_digest(value, "evaluation_sha256")
 
     @field_validator("eligible_sites")
     @classmethod
