@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -49,6 +49,19 @@ class SealedAnswer:
     kms_ephemeral_pub: bytes
     iv: bytes
     ciphertext: bytes
+
+    OVERHEAD: ClassVar[int] = 32 + 12 + 16    # sender's key, IV, GCM tag
+
+    def to_bytes(self) -> bytes:
+        """``kms_ephemeral_pub ‖ iv ‖ ciphertext``: the binary form, for large plaintexts."""
+        return b"".join((self.kms_ephemeral_pub, self.iv, self.ciphertext))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SealedAnswer:
+        """Parse :meth:`to_bytes`; ValueError when it is too short to be one."""
+        if len(data) < cls.OVERHEAD:
+            raise ValueError("too short to be a sealed box")
+        return cls(bytes(data[:32]), bytes(data[32:44]), bytes(data[44:]))
 
     def to_wire(self) -> dict:
         return {"kms_ephemeral_pub": self.kms_ephemeral_pub.hex(), "iv": self.iv.hex(), "ciphertext": self.ciphertext.hex()}

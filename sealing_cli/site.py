@@ -56,7 +56,6 @@ from cvm.aggregator import (
     RecipeNotARound,
     RoundRecordInvalid,
     RoundStatus,
-    SealedUpdateWire,
     UpdateReceived,
     aggregator_report_data,
     round_contract_of,
@@ -231,7 +230,7 @@ def send_update(http: httpx.Client, aggregator: AttestedAggregator, update: Sign
     box = seal_answer(update_to_bytes(update), nonce=update_box_context(aggregator.contract),
                       cvm_pub=aggregator.public_key, rng=rng)
     try:
-        reply = http.post("/update", json=SealedUpdateWire(**box.to_wire()).model_dump())
+        reply = http.post("/update", content=box.to_bytes(), headers={"content-type": "application/octet-stream"})
     except httpx.TransportError as exc:
         raise AggregatorUnreachable(f"aggregator unreachable at {http.base_url}: {type(exc).__name__}") from None
     if reply.status_code != 200:

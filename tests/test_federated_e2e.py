@@ -169,6 +169,16 @@ def test_an_attested_aggregator_passes_every_check(world):
     assert len(attested.public_key) == 32
 
 
+def test_the_aggregator_refuses_unsealed_and_oversized_bodies_unread(world):
+    octets = {"content-type": "application/octet-stream"}
+    garbage = httpx.post(f"{world.url}/update", content=b"\x00" * 100, headers=octets, timeout=10.0)
+    assert garbage.status_code == 400 and "not sealed to this round's attested key" in garbage.text
+    limit = 60 + 4 + 4096 + 4 * NUM_PARAMETERS
+    oversized = httpx.post(f"{world.url}/update", content=b"\x00" * (limit + 1), headers=octets, timeout=10.0)
+    assert oversized.status_code == 413 and f"at most {limit} bytes" in oversized.text
+    assert world.received() == 0
+
+
 # ---------------------------------------------------------------------------------- the round
 
 

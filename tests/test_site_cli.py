@@ -44,18 +44,32 @@ def test_an_update_survives_the_wire_bit_for_bit():
     assert vector_digest(back.vector) == vector_digest(update.vector)
 
 
+def _framed(header: dict, vector: bytes) -> bytes:
+    encoded = json.dumps(header).encode()
+    return len(encoded).to_bytes(4, "big") + encoded + vector
+
+
 @pytest.mark.parametrize("mutate, what", [
-    (lambda raw: raw.update(format="sealroom-fed-update-wire/v0"), "unknown update format"),
-    (lambda raw: raw.update(vector=raw["vector"][:-2]), "whole float32"),
-    (lambda raw: raw.update(signature="zz"), "malformed"),
-    (lambda raw: raw.pop("round"), "malformed"),
+    (lambda header, vector: (header | {"format": "sealroom-fed-update-wire/v1"}, vector), "unknown update format"),
+    (lambda header, vector: (header, vector[:-2]), "declared number of float32"),
+    (lambda header, vector: (header | {"parameters": header["parameters"] + 1}, vector), "declared number of float32"),
+    (lambda header, vector: (header | {"parameters": True}, vector), "declared number of float32"),
+    (lambda header, vector: (header | {"signature": "zz"}, vector), "malformed"),
+    (lambda header, vector: ({k: v for k, v in header.items() if k != "round"}, vector), "malformed"),
 ])
 def test_a_malformed_update_is_unreadable(mutate, what):
     update = signed(SITE, make_contract(PARENT, [SITE], min_participants=1), np.zeros(NUM_PARAMETERS, dtype="<f4"))
-    raw = json.loads(update_to_bytes(update))
-    mutate(raw)
+    data = update_to_bytes(update)
+    size = int.from_bytes(data[:4], "big")
+    header, vector = mutate(json.loads(data[4:4 + size]), data[4 + size:])
     with pytest.raises(UpdateUnreadable, match=what):
-        update_from_bytes(json.dumps(raw).encode())
+        update_from_bytes(_framed(header, vector))
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00\x00", b"\xff\xff\xff\xff{}", b"\x00\x00\x00\x10{}", b"\x00\x00\x00\x02[]"])
+def test_a_truncated_or_misframed_update_is_unreadable(data):
+    with pytest.raises(UpdateUnreadable, match="malformed update"):
+        update_from_bytes(data)
 
 
 def test_report_data_binds_the_nonce_and_the_key():
