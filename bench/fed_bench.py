@@ -77,7 +77,7 @@ from cvm.federated.robust import score_updates
 from cvm.federated.strategies import fedavg, trimmed_mean
 from cvm.federated.validation import validate_updates
 from cvm.sim_tdx import SimulatedTdx
-from kms_client.box import SealedAnswer, open_answer, raw_public, seal_answer
+from kms_client.box import open_bytes, raw_public, seal_to_bytes
 
 CLIP_NORM = 1.0
 EXAMPLES_PER_SITE = 100
@@ -147,9 +147,9 @@ def make_updates(count: int, size: int, parent_digest: str, rng: np.random.Gener
                              num_examples=EXAMPLES_PER_SITE, vector=clipped)
         signed = time.perf_counter()
         verify_quote(aggregator.quote, now=int(time.time()), allow_simulated=True, simulated_root_der=aggregator.root_der)
-        body = seal_answer(update_to_bytes(update), nonce=aggregator.box_context, cvm_pub=public).to_bytes()
+        body = seal_to_bytes(update_to_bytes(update), nonce=aggregator.box_context, cvm_pub=public)
         sealed = time.perf_counter()
-        plaintext = open_answer(SealedAnswer.from_bytes(body), nonce=aggregator.box_context, cvm_key=aggregator.key)
+        plaintext = open_bytes(body, nonce=aggregator.box_context, cvm_key=aggregator.key)
         received.append(update_from_bytes(plaintext))
         opened = time.perf_counter()
         times.clip_and_sign_s += signed - start

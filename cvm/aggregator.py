@@ -17,7 +17,7 @@ HTTP on loopback (the wire models below are shared with the site side, ``sealing
 - ``GET /parent``: the parent model (canonical float32 bytes, hex); sites check it against the contract.
 - ``POST /update``: a signed update (``cvm.federated.SignedUpdate``, framed by :func:`update_to_bytes`) sealed
   to that key with ``kms_client.box`` (context ``b"sealroom-fed-update-box/v1:" ‖ contract digest``); the body
-  is the box's bytes (``SealedAnswer.to_bytes``), ``application/octet-stream``. The TEE is the secure aggregation: updates
+  is the box's bytes (``kms_client.box.seal_to_bytes``), ``application/octet-stream``. The TEE is the secure aggregation: updates
   are only ever decrypted in here. Updates received after the contract's deadline are refused (409).
 - ``POST /close``: ask the round to close now; it closes only when ``run_round`` allows it (every eligible
   site heard from, or the deadline passed). The service also closes by itself on both conditions.
@@ -81,7 +81,7 @@ from cvm.federated import (
 from cvm.federated.dp import GaussianNoise
 from cvm.receipt import build_envelope, chain_evidence, envelope_digest, sign_and_attest, write_attestation
 from cvm.unwrap import UnwrapError, measured_recipe
-from kms_client.box import BoxOpenFailed, SealedAnswer, open_answer, raw_public
+from kms_client.box import BOX_OVERHEAD, BoxOpenFailed, open_bytes, raw_public
 from kms_client.client import KmsClient, KmsError
 
 if TYPE_CHECKING:   # torch: loaded only by rounds that evaluate centrally
@@ -229,7 +229,7 @@ def update_from_bytes(data: bytes) -> SignedUpdate:
             raise ValueError("the vector is not the declared number of float32 values")
         return SignedUpdate(
             round=raw["round"], site=raw["site"], parent_digest=raw["parent_digest"],
-            num_examples=raw["num_examples"], vector=np.frombuffer(vector_bytes, "<f4").copy(),
+            num_examples=raw["num_examples"], vector=np.frombuffer(vector_bytes, "<f4"),   # read-only view
             claimed_norm=float(raw["claimed_norm"]), signature=bytes.fromhex(raw["signature"]),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -365,14 +365,13 @@ class RoundAggregator:
 
     def max_body_bytes(self) -> int:
         """The largest sealed update an honest site sends for this model (larger bodies are refused unread)."""
-        return SealedAnswer.OVERHEAD + 4 + _UPDATE_HEADER_MAX + 4 * self.parent.size
+        return BOX_OVERHEAD + 4 + _UPDATE_HEADER_MAX + 4 * self.parent.size
 
     def receive(self, sealed: bytes) -> UpdateReceived:
         """Open one sealed update and queue it for the round; the checks that name rejections run at close."""
         try:
-            box = SealedAnswer.from_bytes(sealed)
-            plaintext = open_answer(box, nonce=update_box_context(self.contract), cvm_key=self._key)
-        except (BoxOpenFailed, ValueError):
+            plaintext = open_bytes(sealed, nonce=update_box_context(self.contract), cvm_key=self._key)
+        except BoxOpenFailed:
             raise UpdateUnreadable("the update is not sealed to this round's attested key") from None
         update = update_from_bytes(plaintext)
         with self._lock:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -50,19 +50,6 @@ class SealedAnswer:
     iv: bytes
     ciphertext: bytes
 
-    OVERHEAD: ClassVar[int] = 32 + 12 + 16    # sender's key, IV, GCM tag
-
-    def to_bytes(self) -> bytes:
-        """``kms_ephemeral_pub ‖ iv ‖ ciphertext``: the binary form, for large plaintexts."""
-        return b"".join((self.kms_ephemeral_pub, self.iv, self.ciphertext))
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> SealedAnswer:
-        """Parse :meth:`to_bytes`; ValueError when it is too short to be one."""
-        if len(data) < cls.OVERHEAD:
-            raise ValueError("too short to be a sealed box")
-        return cls(bytes(data[:32]), bytes(data[32:44]), bytes(data[44:]))
-
     def to_wire(self) -> dict:
         return {"kms_ephemeral_pub": self.kms_ephemeral_pub.hex(), "iv": self.iv.hex(), "ciphertext": self.ciphertext.hex()}
 
@@ -71,20 +58,50 @@ class SealedAnswer:
         return cls(bytes.fromhex(wire["kms_ephemeral_pub"]), bytes.fromhex(wire["iv"]), bytes.fromhex(wire["ciphertext"]))
 
 
-def seal_answer(plaintext: bytes, *, nonce: bytes, cvm_pub: bytes,
-                rng: Callable[[int], bytes] = os.urandom) -> SealedAnswer:
+def _sender(nonce: bytes, cvm_pub: bytes, rng: Callable[[int], bytes]) -> tuple[bytes, bytes, AESGCM]:
+    """A fresh ephemeral key pair's public half, a random IV, and the AEAD keyed for ``cvm_pub``."""
     kms_eph = X25519PrivateKey.from_private_bytes(rng(32))
     kms_pub = raw_public(kms_eph)
     key = _key(kms_eph.exchange(X25519PublicKey.from_public_bytes(cvm_pub)), nonce, cvm_pub, kms_pub)
-    iv = rng(12)
-    return SealedAnswer(kms_pub, iv, AESGCM(key).encrypt(iv, plaintext, BOX_LABEL + nonce))
+    return kms_pub, rng(12), AESGCM(key)
+
+
+def _open(kms_pub: bytes, iv: bytes, ciphertext: bytes | memoryview, nonce: bytes, cvm_key: X25519PrivateKey) -> bytes:
+    try:
+        shared = cvm_key.exchange(X25519PublicKey.from_public_bytes(kms_pub))
+        key = _key(shared, nonce, raw_public(cvm_key), kms_pub)
+        return AESGCM(key).decrypt(iv, ciphertext, BOX_LABEL + nonce)
+    except (InvalidTag, ValueError):
+        raise BoxOpenFailed("the sealed box could not be opened with this CVM's ephemeral key") from None
+
+
+def seal_answer(plaintext: bytes, *, nonce: bytes, cvm_pub: bytes,
+                rng: Callable[[int], bytes] = os.urandom) -> SealedAnswer:
+    kms_pub, iv, aead = _sender(nonce, cvm_pub, rng)
+    return SealedAnswer(kms_pub, iv, aead.encrypt(iv, plaintext, BOX_LABEL + nonce))
 
 
 def open_answer(answer: SealedAnswer, *, nonce: bytes, cvm_key: X25519PrivateKey) -> bytes:
-    cvm_pub = raw_public(cvm_key)
-    try:
-        shared = cvm_key.exchange(X25519PublicKey.from_public_bytes(answer.kms_ephemeral_pub))
-        key = _key(shared, nonce, cvm_pub, answer.kms_ephemeral_pub)
-        return AESGCM(key).decrypt(answer.iv, answer.ciphertext, BOX_LABEL + nonce)
-    except (InvalidTag, ValueError):
-        raise BoxOpenFailed("the KMS answer could not be opened with this CVM's ephemeral key") from None
+    return _open(answer.kms_ephemeral_pub, answer.iv, answer.ciphertext, nonce, cvm_key)
+
+
+# The binary form, for large plaintexts (federated updates): one buffer, sender's key ‖ IV ‖ ciphertext ‖ tag.
+BOX_OVERHEAD = 32 + 12 + 16
+
+
+def seal_to_bytes(plaintext: bytes, *, nonce: bytes, cvm_pub: bytes,
+                  rng: Callable[[int], bytes] = os.urandom) -> bytearray:
+    """The box of :func:`seal_answer` as one buffer, encrypted straight into it (no copy of the plaintext)."""
+    kms_pub, iv, aead = _sender(nonce, cvm_pub, rng)
+    box = bytearray(BOX_OVERHEAD + len(plaintext))
+    box[:32], box[32:44] = kms_pub, iv
+    aead.encrypt_into(iv, plaintext, BOX_LABEL + nonce, memoryview(box)[44:])
+    return box
+
+
+def open_bytes(box: bytes | bytearray, *, nonce: bytes, cvm_key: X25519PrivateKey) -> bytes:
+    """Open :func:`seal_to_bytes`'s buffer; BoxOpenFailed when it is too short, not for this key, or altered."""
+    if len(box) < BOX_OVERHEAD:
+        raise BoxOpenFailed("too short to be a sealed box")
+    view = memoryview(box)
+    return _open(bytes(view[:32]), bytes(view[32:44]), view[44:], nonce, cvm_key)

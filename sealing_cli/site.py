@@ -76,7 +76,7 @@ from cvm.federated import (
     vector_digest,
 )
 from cvm.federated.task import TASK, Quality, as_module, as_vector, quality
-from kms_client.box import seal_answer
+from kms_client.box import seal_to_bytes
 from sealing_cli.site_cli import DEFAULT_ACCEPT_TOLERANCE, DEFAULT_GATE_TOLERANCE
 
 VALIDATION_FRACTION = 0.2
@@ -227,10 +227,10 @@ def fetch_parent(http: httpx.Client, aggregator: AttestedAggregator) -> np.ndarr
 def send_update(http: httpx.Client, aggregator: AttestedAggregator, update: SignedUpdate, *,
                 rng: Callable[[int], bytes] = os.urandom) -> UpdateReceived:
     """Seal ``update`` to the attested key (for this round's contract only) and POST it."""
-    box = seal_answer(update_to_bytes(update), nonce=update_box_context(aggregator.contract),
-                      cvm_pub=aggregator.public_key, rng=rng)
+    box = seal_to_bytes(update_to_bytes(update), nonce=update_box_context(aggregator.contract),
+                        cvm_pub=aggregator.public_key, rng=rng)
     try:
-        reply = http.post("/update", content=box.to_bytes(), headers={"content-type": "application/octet-stream"})
+        reply = http.post("/update", content=bytes(box), headers={"content-type": "application/octet-stream"})
     except httpx.TransportError as exc:
         raise AggregatorUnreachable(f"aggregator unreachable at {http.base_url}: {type(exc).__name__}") from None
     if reply.status_code != 200:
