@@ -146,7 +146,8 @@ def make_updates(count: int, size: int, parent_digest: str, rng: np.random.Gener
         update = sign_update(site_key(index), round_number=1, parent_digest=parent_digest,
                              num_examples=EXAMPLES_PER_SITE, vector=clipped)
         signed = time.perf_counter()
-        verify_quote(aggregator.quote, now=int(time.time()), allow_simulated=True, simulated_root_der=aggregator.root_der)
+        verify_quote(aggregator.quote, now=int(time.time()), allow_simulated=True,
+                     simulated_root_der=aggregator.root_der)
         body = seal_to_bytes(update_to_bytes(update), nonce=aggregator.box_context, cvm_pub=public)
         sealed = time.perf_counter()
         plaintext = open_bytes(body, nonce=aggregator.box_context, cvm_key=aggregator.key)
@@ -316,8 +317,9 @@ def bench_secaggplus(count: int, size: int, graph: str) -> dict:
     error = float(np.max(np.abs(aggregate - np.mean(vectors, axis=0, dtype=np.float64))))
     assert error < 1e-3, f"SecAgg+ result is off by {error}"
     plain_s = timed(np.mean, vectors, axis=0, dtype=np.float64)[1]   # the same sum, unprotected
-    summary = clock.summary() | {"plain_mean_s": plain_s, "clients": count, "parameters": size, "num_shares": num_shares,
-                                 "threshold": threshold, "max_abs_error_vs_plain_mean": error}
+    summary = clock.summary() | {"plain_mean_s": plain_s, "clients": count, "parameters": size,
+                                 "num_shares": num_shares, "threshold": threshold,
+                                 "max_abs_error_vs_plain_mean": error}
     print(f"  SecAgg+ {graph:<10} (k={num_shares:>2}) {count:>5} × {size:,}: {summary['total_work_s']:7.2f} s total "
           f"work (clients {summary['clients_total_s']:.2f} s, server {summary['server_s']:.2f} s), critical path "
           f"{summary['critical_path_s']:.2f} s", flush=True)

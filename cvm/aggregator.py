@@ -17,17 +17,19 @@ HTTP on loopback (the wire models below are shared with the site side, ``sealing
 - ``GET /parent``: the parent model (canonical float32 bytes, hex); sites check it against the contract.
 - ``POST /update``: a signed update (``cvm.federated.SignedUpdate``, framed by :func:`update_to_bytes`) sealed
   to that key with ``kms_client.box`` (context ``b"sealroom-fed-update-box/v1:" ‖ contract digest``); the body
-  is the box's bytes (``kms_client.box.seal_to_bytes``), ``application/octet-stream``. The TEE is the secure aggregation: updates
-  are only ever decrypted in here. Updates received after the contract's deadline are refused (409).
+  is the box's bytes (``kms_client.box.seal_to_bytes``), ``application/octet-stream``, and a larger body than
+  this model's update is refused unread (413). The TEE is the secure aggregation: updates are only ever
+  decrypted in here. Updates received after the contract's deadline are refused (409).
 - ``POST /close``: ask the round to close now; it closes only when ``run_round`` allows it (every eligible
   site heard from, or the deadline passed). The service also closes by itself on both conditions.
 - ``GET /result``: the round's outcome; once published, the candidate model and the signed round record.
 
 Closing: ``run_round`` (budget, validation with named rejections, anomaly flags, robust aggregate, DP noise,
 then the parent and the candidate scored on the public reference cohort the contract names by digest, given
-with ``--evaluation``: the record's metrics) → the KMS records the round's ε on-chain (``KmsClient.record_round_spend``) BEFORE anything is released → the
-record is signed and attested in the study's Sign-RPC envelope (``cvm.receipt``; payload ``output_type``
-``round_record``) and published with the weights. A refusal anywhere releases nothing.
+with ``--evaluation``: the record's metrics) → the KMS records the round's ε on-chain
+(``KmsClient.record_round_spend``) BEFORE anything is released → the record is signed and attested in the
+study's Sign-RPC envelope (``cvm.receipt``; payload ``output_type`` ``round_record``) and published with the
+weights. A refusal anywhere releases nothing.
 
 Accountant across rounds: the payload carries the accountant state after the round. Round R > 1 needs the
 previous round's signed record (``--previous``); it is verified (:func:`verify_round_attestation`: quote,

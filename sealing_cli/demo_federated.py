@@ -208,10 +208,12 @@ def run_federated_demo(state_dir: Path) -> None:
             m = record["metrics"]
             worst = m["worst_site_regression"]
             console.print(
-                f"[bold]round {round_number} metrics[/] (signed record): global AUC {m['parent_global_quality']:.4f} -> "
-                f"{m['global_quality']:.4f} on the reference cohort; per-site AUC min {m['per_site_min']:.4f} / "
-                f"median {m['per_site_median']:.4f} / max {m['per_site_max']:.4f}; worst-site regression: "
-                f"{worst['site']} AUC {worst['parent_quality']:.4f} -> {worst['new_quality']:.4f}; participation {len(record['joined'])}/{len(sites)} "
+                f"[bold]round {round_number} metrics[/] (signed record): global AUC "
+                f"{m['parent_global_quality']:.4f} -> {m['global_quality']:.4f} on the reference cohort; per-site AUC "
+                f"min {m['per_site_min']:.4f} / median {m['per_site_median']:.4f} / max {m['per_site_max']:.4f}; "
+                f"worst-site regression: "
+                f"{worst['site']} AUC {worst['parent_quality']:.4f} -> {worst['new_quality']:.4f}; "
+                f"participation {len(record['joined'])}/{len(sites)} "
                 f"(dropped {len(record['dropped'])}); rejections {len(record['rejected'])}; poisoning alerts "
                 f"{[f['site'][:10] for f in record['flagged']]}; rollbacks so far {rollbacks}; ε round "
                 f"{record['privacy']['epsilon_round']:.3f}, total {record['privacy']['epsilon_spent_total']:.3f}, "
