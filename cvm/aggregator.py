@@ -220,8 +220,10 @@ def update_from_bytes(data: bytes) -> SignedUpdate:
     """Parse :func:`update_to_bytes`; UpdateUnreadable on any deviation. Nothing is checked but the shape:
     the signature, eligibility, round, parent and norm are ``validate_updates``'s (named in the record)."""
     try:
+        if len(data) < 4:
+            raise ValueError("too short for a header length")
         size = int.from_bytes(data[:4], "big")
-        if len(data) < 4 or size > _UPDATE_HEADER_MAX or len(data) < 4 + size:
+        if size > _UPDATE_HEADER_MAX or len(data) < 4 + size:
             raise ValueError("the header length is out of range")
         raw = json.loads(data[4:4 + size])
         if not isinstance(raw, dict) or raw.get("format") != UPDATE_FORMAT:

@@ -230,6 +230,7 @@ def send_update(http: httpx.Client, aggregator: AttestedAggregator, update: Sign
     box = seal_to_bytes(update_to_bytes(update), nonce=update_box_context(aggregator.contract),
                         cvm_pub=aggregator.public_key, rng=rng)
     try:
+        # bytes(): httpx sends bytes with a Content-Length (the aggregator requires one), not a bytearray.
         reply = http.post("/update", content=bytes(box), headers={"content-type": "application/octet-stream"})
     except httpx.TransportError as exc:
         raise AggregatorUnreachable(f"aggregator unreachable at {http.base_url}: {type(exc).__name__}") from None
