@@ -18,7 +18,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from cvm.analyses.cohorts import FEATURE_BOUNDS, GROUND_TRUTH, OUTCOME, SITE_SIZES, generate_cohorts
+from cvm.analyses.cohorts import (
+    FEATURE_BOUNDS,
+    GROUND_TRUTH,
+    OUTCOME,
+    SITE_SIZES,
+    generate_cohorts,
+)
 from cvm.analyses.dpsgd import (
     Features,
     TrainingSpec,

@@ -38,6 +38,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from eth_keys import keys
 from flwr.app import ConfigRecord
 from flwr.client.mod.secure_aggregation.secaggplus_mod import (
@@ -60,10 +61,9 @@ from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import Key
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
 from cvm.aggregator import aggregator_report_data, update_from_bytes, update_to_bytes
-from cvm.attestation import verify_quote
+from cvm.attest.simulated import SimulatedTdx
+from cvm.attest.verify import verify_quote
 from cvm.federated import (
     AccountantState,
     OpenDPGaussian,
@@ -76,7 +76,6 @@ from cvm.federated import (
 from cvm.federated.robust import score_updates
 from cvm.federated.strategies import fedavg, trimmed_mean
 from cvm.federated.validation import validate_updates
-from cvm.sim_tdx import SimulatedTdx
 from kms_client.box import open_bytes, raw_public, seal_to_bytes
 
 CLIP_NORM = 1.0

@@ -19,14 +19,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from compose.stack_file import read_keystore
 from contracts.chain import DstackApp, DstackKms
 from cvm.agent_sim.agent import GuestAgentSimulator
-from cvm.attestation import verify_quote
-from cvm.eventlog import replay_event_log
+from cvm.attest.eventlog import replay_event_log
+from cvm.attest.verify import verify_quote
 from kms.service import _boot_info
 from kms_client.box import attestation_report_data
 from kms_client.client import KmsClient
-from sealing_cli.stack import LocalStack, read_keystore
+from sealing_cli.stack import LocalStack
 
 RECIPE_COMPOSE = b'{"name":"kms-bench"}'
 RECIPE = hashlib.sha256(RECIPE_COMPOSE).digest()
@@ -85,7 +86,7 @@ def main() -> None:
         for _ in range(n):
             replay_event_log(log, claims.rtmr3)
         t2 = time.perf_counter()
-        from cvm.attestation import verify_attestation
+        from cvm.attest.verify import verify_attestation
 
         verified = verify_attestation(quote, log, now=int(time.time()), allow_simulated=True,
                                       simulated_root_der=sim_root)

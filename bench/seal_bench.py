@@ -71,8 +71,8 @@ def run(size_mib: int, chunk_size: int) -> dict[str, Any]:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     from eth_keys import keys
 
-    from sealing_cli._sealed_file import open_sealed, seal_file
-    from sealing_cli._tabular import table_to_numpy
+    from cvm.sealed.dataset import open_sealed, seal_file
+    from cvm.sealed.tabular import table_to_numpy
 
     results: dict[str, Any] = {"machine": _machine(), "chunk_size": chunk_size, "load_average_before": _load()}
     owner_key, seal_key = keys.PrivateKey(os.urandom(32)), X25519PrivateKey.generate()
@@ -233,7 +233,7 @@ def _child(mode: str, source: str, out: str, *, chunk_size: int) -> None:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     from eth_keys import keys
 
-    from sealing_cli._sealed_file import seal_file
+    from cvm.sealed.dataset import seal_file
 
     owner_key, seal_public = keys.PrivateKey(os.urandom(32)), X25519PrivateKey.generate().public_key()
     if mode == "seal":

@@ -27,6 +27,7 @@ from dstack_sdk import DstackClient
 from eth_keys import keys as eth_keys
 
 from compose.app_compose import compose_hash, manifest_from_app_compose
+from compose.stack_file import read_keystore
 from contracts.chain import DstackApp
 from cvm.analyses.cohorts import SITE_SIZES, generate_site, write_parquet
 from cvm.analyses.dpsgd import (
@@ -40,10 +41,10 @@ from cvm.analyses.dpsgd import (
 )
 from cvm.analyses.loss import PrivacyLoss
 from cvm.run import run_study
+from cvm.sealed import seal_file
 from kms_client.client import KmsClient
-from sealing_cli import seal_file
 from sealing_cli.demo import DELTA, EPSILON_PER_RUN, study_recipe
-from sealing_cli.stack import LocalStack, read_keystore
+from sealing_cli.stack import LocalStack
 
 
 def main() -> None:

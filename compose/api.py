@@ -52,19 +52,36 @@ from typing import Any
 
 import uvicorn
 from eth_account.signers.local import LocalAccount
+from eth_utils import to_checksum_address
 from fastapi import Depends, FastAPI, File, HTTPException, Request, Response, UploadFile
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from compose.app_compose import build_app_compose, compose_hash, manifest_from_app_compose, normalized_json_bytes
+from compose.app_compose import (
+    build_app_compose,
+    compose_hash,
+    manifest_from_app_compose,
+    normalized_json_bytes,
+)
 from compose.auth import AnalystTokens, Unauthenticated
-from compose.backends import TERMINAL_STATES, Backend, LaunchFailed, LocalProcessBackend, RunHandle, RunState
+from compose.backends import (
+    TERMINAL_STATES,
+    Backend,
+    LaunchFailed,
+    LocalProcessBackend,
+    RunHandle,
+    RunState,
+)
 from compose.manifest import StudyManifest
-from eth_utils import to_checksum_address
-
-from contracts.chain import Chain, ChainError, ChainUnreachable, ContractReverted, DstackApp
-from sealing_cli._sealed_file import SealedFileError, read_envelope
-from sealing_cli.stack import StackDescription, StackError, read_keystore
+from compose.stack_file import StackDescription, StackError, read_keystore
+from contracts.chain import (
+    Chain,
+    ChainError,
+    ChainUnreachable,
+    ContractReverted,
+    DstackApp,
+)
+from cvm.sealed.dataset import SealedFileError, read_envelope
 
 __all__ = [
     "PROPOSER_PASSWORD_ENV", "ApiConfig", "create_app", "main",

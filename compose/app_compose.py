@@ -1,6 +1,6 @@
 """app-compose.json for a study, its compose hash, and reading the study manifest back out of it.
 
-DESIGN.md §1 and shared/reference/dstack.md §1. dstack measures ``sha256`` of the exact bytes of
+docs/design.md §1 and "dstack formats: Compose hash and RTMR3". dstack measures ``sha256`` of the exact bytes of
 app-compose.json; these bytes are produced once, with dstack's normalised JSON (keys sorted recursively,
 separators ``,``/``:``, UTF-8 unescaped, NaN/±Inf as null, top-level ``None`` fields dropped — the same
 rules as ``dstack_sdk.get_compose_hash``), and then shipped verbatim, never re-serialised.

@@ -15,7 +15,14 @@ import re
 from typing import Literal
 
 from eth_utils import is_checksum_address, to_checksum_address
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    field_validator,
+    model_validator,
+)
 
 __all__ = ["MANIFEST_VERSION", "AnalysisKind", "OutputType", "StudyInput", "Analysis", "StudyManifest"]
 

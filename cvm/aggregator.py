@@ -63,12 +63,20 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from dstack_sdk import DstackClient
 from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict, ValidationError
-from starlette.requests import Request   # module level: FastAPI resolves the endpoints' annotations here
+from starlette.requests import (
+    Request,  # module level: FastAPI resolves the endpoints' annotations here
+)
 
-from compose.app_compose import ComposeError, build_app_compose, manifest_from_app_compose, normalized_json_bytes
+from compose.app_compose import (
+    ComposeError,
+    build_app_compose,
+    manifest_from_app_compose,
+    normalized_json_bytes,
+)
 from compose.manifest import StudyManifest
 from contracts.chain import Chain, ChainError
-from cvm.attestation import AttestationError, verify_attestation
+from cvm.attest.measured import MeasuredRecipeMismatch, measured_recipe
+from cvm.attest.verify import AttestationError, verify_attestation
 from cvm.federated import (
     AccountantState,
     FederatedError,
@@ -81,16 +89,20 @@ from cvm.federated import (
     vector_digest,
 )
 from cvm.federated.dp import GaussianNoise
-from cvm.receipt import build_envelope, chain_evidence, envelope_digest, sign_and_attest, write_attestation
-from cvm.unwrap import UnwrapError, measured_recipe
+from cvm.labels import AGGREGATOR_REPORT_LABEL, UPDATE_BOX_LABEL
+from cvm.receipt import (
+    build_envelope,
+    chain_evidence,
+    envelope_digest,
+    sign_and_attest,
+    write_attestation,
+)
 from kms_client.box import BOX_OVERHEAD, BoxOpenFailed, open_bytes, raw_public
 from kms_client.client import KmsClient, KmsError
 
 if TYPE_CHECKING:   # torch: loaded only by rounds that evaluate centrally
     from cvm.federated.task import ReferenceCohort
 
-AGGREGATOR_REPORT_LABEL = b"sealroom-fed-aggregator/v1:"
-UPDATE_BOX_LABEL = b"sealroom-fed-update-box/v1:"
 UPDATE_FORMAT = "sealroom-fed-update/v2"
 _UPDATE_HEADER_MAX = 4096     # bytes of the JSON header in front of the vector
 ROUND_PAYLOAD_TYPE = "round_record"
@@ -350,7 +362,7 @@ class RoundAggregator:
     def __post_init__(self) -> None:
         try:
             self.app_id, self.compose_hash, self.app_compose = measured_recipe(self.dstack)
-        except UnwrapError as exc:
+        except MeasuredRecipeMismatch as exc:
             raise RecipeNotARound(str(exc)) from None
         self.manifest, self.contract = round_contract_of(self.app_compose)
         check_reference(self.contract, None if self.reference is None else self.reference.sha256)
@@ -524,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             uvicorn.run(make_app(aggregator), host="127.0.0.1", port=args.port, log_level="warning")
             stop.set()
-    except (AggregatorError, UnwrapError, KmsError, ChainError, OSError, ValueError) as exc:
+    except (AggregatorError, MeasuredRecipeMismatch, KmsError, ChainError, OSError, ValueError) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return 0

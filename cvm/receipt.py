@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from dstack_sdk import DstackClient
-
 from eth_keys import keys as eth_keys
 from eth_utils import to_checksum_address
 

@@ -21,11 +21,22 @@ import pyarrow as pa
 from dstack_sdk import DstackClient
 
 from contracts.chain import Chain, ChainError
-from cvm.analyses import AnalysisError, OutputGate, PrivacyLoss, StatsRequest, run_dp_stats
-from cvm.receipt import build_envelope, chain_evidence, sign_and_attest, write_attestation
+from cvm.analyses import (
+    AnalysisError,
+    OutputGate,
+    PrivacyLoss,
+    StatsRequest,
+    run_dp_stats,
+)
+from cvm.receipt import (
+    build_envelope,
+    chain_evidence,
+    sign_and_attest,
+    write_attestation,
+)
+from cvm.sealed import SealedFileError
 from cvm.unwrap import UnwrapError, unwrap_datasets
 from kms_client.client import KmsClient, KmsError
-from sealing_cli import SealedFileError
 
 
 class StudyRunError(Exception):
@@ -69,7 +80,10 @@ def run_study(sealed_files: Sequence[Path], *, dstack: DstackClient, kms: KmsCli
     if manifest.analysis.kind == "dp_stats":
         result = run_dp_stats(table, StatsRequest.from_params(manifest.analysis.params), budget)
     elif manifest.analysis.kind == "dp_sgd":
-        from cvm.analyses.dpsgd import TrainingSpec, run_dp_sgd   # torch and Opacus, only when training
+        from cvm.analyses.dpsgd import (  # torch and Opacus, only when training
+            TrainingSpec,
+            run_dp_sgd,
+        )
 
         result = run_dp_sgd(table, TrainingSpec.from_params(manifest.analysis.params), budget).model
     else:

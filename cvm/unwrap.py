@@ -25,14 +25,19 @@ from typing import Sequence
 from dstack_sdk import DstackClient
 from eth_utils import to_checksum_address
 
-from compose.app_compose import compose_hash as hash_app_compose
 from compose.app_compose import manifest_from_app_compose
 from compose.manifest import StudyManifest
 from contracts.chain import Chain, DstackApp
+from cvm.attest.measured import MeasuredRecipeMismatch, measured_recipe
+from cvm.labels import INPUTS_EVENT
+from cvm.sealed import (
+    OpenedDataset,
+    SealedFileError,
+    SealedForAnotherRecipe,
+    open_sealed,
+    read_envelope,
+)
 from kms_client.client import KmsClient, OwnerKeyRelease
-from sealing_cli import OpenedDataset, SealedFileError, SealedForAnotherRecipe, open_sealed, read_envelope
-
-INPUTS_EVENT = "sealroom-inputs"
 
 
 class UnwrapError(Exception):
@@ -50,19 +55,12 @@ class StudyInputs:
     release: OwnerKeyRelease
 
 
-def measured_recipe(dstack: DstackClient) -> tuple[bytes, bytes, bytes]:
-    """(app_id, compose_hash, app-compose.json bytes) as this CVM is measured."""
-    info = dstack.info()
-    app_compose = info.tcb_info.app_compose.encode()
-    compose_hash = bytes.fromhex(info.compose_hash)
-    if hash_app_compose(app_compose) != compose_hash:
-        raise UnwrapError("the agent's app-compose.json does not hash to the measured compose hash")
-    return bytes.fromhex(info.app_id), compose_hash, app_compose
-
-
 def unwrap_datasets(sealed_files: Sequence[Path], *, dstack: DstackClient, kms: KmsClient,
                     chain: Chain) -> StudyInputs:
-    app_id, compose_hash, app_compose = measured_recipe(dstack)
+    try:
+        app_id, compose_hash, app_compose = measured_recipe(dstack)
+    except MeasuredRecipeMismatch as exc:
+        raise UnwrapError(str(exc)) from None
     manifest = manifest_from_app_compose(app_compose)
     owners_on_chain = set(DstackApp(chain, to_checksum_address(app_id)).owners())
     by_owner = {item.owner: item for item in manifest.inputs}

@@ -1,7 +1,7 @@
 """KMS key material: the root keys, every derivation from them, and the signatures the KMS issues.
 
 Spec: DESIGN.md §3 and dstack's KMS (``ra-tls/src/kdf.rs``, ``kms/src/crypto.rs``; see
-shared/reference/dstack.md §2). Everything is derived, nothing per-app is stored:
+docs/design.md, "dstack formats: KMS keys and BootInfo"). Everything is derived, nothing per-app is stored:
 
     derive(ikm, context) = HKDF-SHA256(ikm, salt=b"RATLS", info=context[0] ‖ context[1] ‖ …)
 
@@ -14,7 +14,7 @@ the functions below enforce.
 
 Signatures are recoverable secp256k1 ECDSA by the root k256 key, 65 bytes ``r ‖ s ‖ v`` with ``v`` in
 {0, 1} (dstack's ``k256_signature`` layout), over a keccak256 digest of a namespaced message; the exact
-bytes are given by :func:`app_key_issued_digest` and :func:`owner_seal_pubkey_digest`.
+bytes are given by ``kms_client.messages`` (shared with the clients that check them).
 
 Errors: this module only raises ``TypeError``/``ValueError`` for caller mistakes (wrong lengths, a
 private key outside the secp256k1 range). It has no outcomes of its own to report.
@@ -31,7 +31,14 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from eth_keys import keys as eth_keys
 from eth_keys.exceptions import ValidationError as EthKeysValidationError
-from eth_utils import keccak
+
+from kms_client.messages import (
+    APP_KEY_ISSUED_PREFIX,
+    OWNER_SEAL_PUBKEY_PREFIX,
+    app_key_issued_digest,
+    k256_public_key_compressed,
+    owner_seal_pubkey_digest,
+)
 
 __all__ = [
     "HKDF_SALT",
@@ -50,8 +57,6 @@ __all__ = [
 ]
 
 HKDF_SALT = b"RATLS"
-APP_KEY_ISSUED_PREFIX = b"dstack-kms-issued:"
-OWNER_SEAL_PUBKEY_PREFIX = b"sealroom-owner-seal-pubkey/v1:"
 
 _APP_KEY_LABEL = b"app-key"
 _OWNER_SEAL_KEY_LABEL = b"owner-seal-key"
@@ -59,8 +64,6 @@ _APP_ID_LEN = 20
 _COMPOSE_HASH_LEN = 32
 _ADDRESS_LEN = 20
 _SECRET_LEN = 32
-_X25519_PUBKEY_LEN = 32
-_U64_MAX = 2**64 - 1
 # Rejection sampling for a k256 scalar fails with probability ~2^-128 per draw; this many failures in a
 # row means the rng is broken, not unlucky.
 _MAX_SCALAR_DRAWS = 16
@@ -132,12 +135,6 @@ def generate_root_keys(rng: Callable[[int], bytes] = os.urandom) -> RootKeys:
     raise ValueError("rng produced no valid secp256k1 private key; it is broken")
 
 
-def k256_public_key_compressed(private_bytes: bytes) -> bytes:
-    """The 33-byte SEC1-compressed secp256k1 public key of a 32-byte private key."""
-    _require_bytes(private_bytes, _SECRET_LEN, "private key")
-    return _k256_private_key(private_bytes).public_key.to_compressed_bytes()
-
-
 def derive_app_key(root: RootKeys, app_id: bytes) -> bytes:
     """The app's secp256k1 private key: ``HKDF(root k256 private bytes, [app_id, b"app-key"], 32)``.
 
@@ -146,17 +143,6 @@ def derive_app_key(root: RootKeys, app_id: bytes) -> bytes:
     """
     _require_bytes(app_id, _APP_ID_LEN, "app_id")
     return hkdf_derive(root.k256_private_bytes, [app_id, _APP_KEY_LABEL])
-
-
-def app_key_issued_digest(app_id: bytes, app_pubkey_compressed: bytes) -> bytes:
-    """The digest the root signs to issue an app key, as dstack does.
-
-    Bytes hashed: ``b"dstack-kms-issued:" ‖ app_id (20) ‖ app public key, SEC1 compressed (33)``;
-    digest = keccak256 of those bytes.
-    """
-    _require_bytes(app_id, _APP_ID_LEN, "app_id")
-    _require_bytes(app_pubkey_compressed, 33, "app public key (SEC1 compressed)")
-    return keccak(APP_KEY_ISSUED_PREFIX + app_id + app_pubkey_compressed)
 
 
 def sign_app_key(root: RootKeys, app_id: bytes, app_pubkey_compressed: bytes) -> bytes:
@@ -187,33 +173,11 @@ def derive_owner_seal_key(
     return X25519PrivateKey.from_private_bytes(secret)
 
 
-def owner_seal_pubkey_digest(
-    app_id: bytes, compose_hash: bytes, owner_address: bytes, pubkey: bytes, timestamp: int
-) -> bytes:
-    """The digest the root signs to vouch for an owner sealing public key.
-
-    Bytes hashed: ``b"sealroom-owner-seal-pubkey/v1:" ‖ app_id (20) ‖ compose_hash (32) ‖ owner_address (20)
-    ‖ u64_be(timestamp) (8) ‖ X25519 public key (32)``; digest = keccak256 of those bytes. Modelled on dstack's
-    ``signature_v1`` for env-encrypt keys, with the recipe and the owner added to the context.
-    """
-    _require_bytes(app_id, _APP_ID_LEN, "app_id")
-    _require_bytes(compose_hash, _COMPOSE_HASH_LEN, "compose_hash")
-    _require_bytes(owner_address, _ADDRESS_LEN, "owner_address")
-    _require_bytes(pubkey, _X25519_PUBKEY_LEN, "X25519 public key")
-    if isinstance(timestamp, bool) or not isinstance(timestamp, int):
-        raise TypeError("timestamp must be an int (Unix seconds)")
-    if not 0 <= timestamp <= _U64_MAX:
-        raise ValueError("timestamp must fit in an unsigned 64-bit integer")
-    return keccak(
-        OWNER_SEAL_PUBKEY_PREFIX + app_id + compose_hash + owner_address + timestamp.to_bytes(8, "big") + pubkey
-    )
-
-
 def sign_owner_seal_pubkey(
     root: RootKeys, app_id: bytes, compose_hash: bytes, owner_address: bytes, pubkey: bytes, timestamp: int
 ) -> bytes:
     """The root's recoverable signature (65 bytes ``r ‖ s ‖ v``, ``v`` in {0, 1}) over
-    :func:`owner_seal_pubkey_digest`. Owners check it with ``kms_client.verify.verify_owner_seal_pubkey``.
+    :func:`owner_seal_pubkey_digest`. Owners check it with ``kms_client.signature_chain.verify_owner_seal_pubkey``.
     """
     digest = owner_seal_pubkey_digest(app_id, compose_hash, owner_address, pubkey, timestamp)
     return _k256_private_key(root.k256_private_bytes).sign_msg_hash(digest).to_bytes()

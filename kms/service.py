@@ -26,8 +26,8 @@ from typing import Callable
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 
-from compose.app_compose import compose_hash as hash_app_compose
 from compose.app_compose import ComposeError, manifest_from_app_compose
+from compose.app_compose import compose_hash as hash_app_compose
 from compose.manifest import StudyManifest
 from contracts.chain import (
     BudgetExceeded,
@@ -40,7 +40,12 @@ from contracts.chain import (
     OwnerDidNotApprove,
     ReleaseAlreadyRecorded,
 )
-from cvm.attestation import AttestationError, SimulatedQuoteNotAllowed, VerifiedBoot, verify_attestation
+from cvm.attest.verify import (
+    AttestationError,
+    SimulatedQuoteNotAllowed,
+    VerifiedBoot,
+    verify_attestation,
+)
 from kms.keys import (
     RootKeys,
     derive_app_key,

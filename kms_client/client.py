@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import httpx
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import (
+    X25519PrivateKey,
+    X25519PublicKey,
+)
 from eth_keys import keys as eth_keys
 from eth_keys.exceptions import BadSignature
 from eth_keys.exceptions import ValidationError as EthKeysValidationError
@@ -27,9 +30,15 @@ from eth_utils import to_checksum_address
 from pydantic import BaseModel, ValidationError
 
 from kms_client import wire
-from kms_client.box import BoxOpenFailed, SealedAnswer, attestation_report_data, open_answer, raw_public
-from kms.keys import app_key_issued_digest, k256_public_key_compressed
-from kms_client.verify import KmsClientError, verify_owner_seal_pubkey
+from kms_client.box import (
+    BoxOpenFailed,
+    SealedAnswer,
+    attestation_report_data,
+    open_answer,
+    raw_public,
+)
+from kms_client.messages import app_key_issued_digest, k256_public_key_compressed
+from kms_client.signature_chain import KmsClientError, verify_owner_seal_pubkey
 
 T = TypeVar("T", bound=BaseModel)
 

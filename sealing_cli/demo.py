@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import shlex
 import shutil
-from contextlib import ExitStack, closing
 import time
+from collections.abc import Callable
+from contextlib import ExitStack, closing
 from pathlib import Path
 
 import httpx
@@ -28,13 +29,19 @@ DELTA = 1e-6
 SMALL_FRACTION = 50_000 / 1_600_000
 
 
-def seal(*args: str) -> int:
-    """Run one `seal` command in this process, echoing it like a shell transcript."""
-    from sealing_cli.main import app
+SealCommand = Callable[..., int]
 
-    console.print(f"[bold cyan]$ seal {shlex.join(args)}[/]")
-    code = typer.main.get_command(app).main(list(args), prog_name="seal", standalone_mode=False)
-    return code or 0
+
+def transcript_runner(app: typer.Typer) -> SealCommand:
+    """Runs `seal` commands of ``app`` in this process, echoing each like a shell transcript. The `seal` app
+    hands itself in, so that the demos drive the real commands without importing the command module."""
+    command = typer.main.get_command(app)
+
+    def seal(*args: str) -> int:
+        console.print(f"[bold cyan]$ seal {shlex.join(args)}[/]")
+        return command.main(list(args), prog_name="seal", standalone_mode=False) or 0
+
+    return seal
 
 
 def expect(code: int, wanted: int = 0) -> None:
@@ -114,7 +121,13 @@ def held_out_auc(payload: dict, label: str, rows: int) -> tuple[float, float]:
     import numpy as np
 
     from cvm.analyses.cohorts import FEATURES, GROUND_TRUTH, generate_site
-    from cvm.analyses.dpsgd import DPModel, TrainingSpec, prepare_features, roc_auc, scores
+    from cvm.analyses.dpsgd import (
+        DPModel,
+        TrainingSpec,
+        prepare_features,
+        roc_auc,
+        scores,
+    )
     from cvm.analyses.loss import PrivacyLoss
 
     model = DPModel(
@@ -132,7 +145,7 @@ def held_out_auc(payload: dict, label: str, rows: int) -> tuple[float, float]:
     return roc_auc(scores(model.module(), data), labels), roc_auc(truth, labels)
 
 
-def run_demo(state_dir: Path, *, small: bool = False) -> None:
+def run_demo(state_dir: Path, *, seal: SealCommand, small: bool = False) -> None:
     from compose.auth import issue_token
     from cvm.analyses.cohorts import OUTCOME, SITE_SIZES, generate_site, write_parquet
 

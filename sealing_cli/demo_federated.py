@@ -28,9 +28,10 @@ import pyarrow as pa
 from rich.console import Console
 from rich.rule import Rule
 
-from sealing_cli.demo import expect, seal
-from sealing_cli.processes import ManagedProcess, free_loopback_port
-from sealing_cli.stack import LocalStack, read_keystore
+from compose.backends.launcher import ManagedProcess, free_loopback_port
+from compose.stack_file import read_keystore
+from sealing_cli.demo import SealCommand, expect
+from sealing_cli.stack import LocalStack
 
 console = Console(soft_wrap=True)
 SITE_ROWS = 6_000
@@ -95,7 +96,13 @@ def _poison(site: _Site, url: str, compose: bytes, stack: LocalStack, root: byte
     """The malicious site: it follows the protocol but sends the sign-flipped, scaled delta, clipped to the norm."""
     from contracts.chain import DstackApp
     from cvm.federated import clip, sign_update
-    from sealing_cli.site import attest_aggregator, fetch_parent, load_site_data, send_update, train_locally
+    from sealing_cli.site import (
+        attest_aggregator,
+        fetch_parent,
+        load_site_data,
+        send_update,
+        train_locally,
+    )
 
     with httpx.Client(base_url=url, timeout=30.0) as http:
         attested = attest_aggregator(http, app_compose=compose, app=DstackApp(stack.chain, stack.description.dstack_app),
@@ -112,7 +119,7 @@ def _poison(site: _Site, url: str, compose: bytes, stack: LocalStack, root: byte
     console.print(f"[bold red]{site.name}[/] (malicious) sent a sign-flipped ×10 update clipped to the norm")
 
 
-def run_federated_demo(state_dir: Path) -> None:
+def run_federated_demo(state_dir: Path, *, seal: SealCommand) -> None:
     from compose.app_compose import compose_hash
     from cvm.aggregator import build_round_compose
     from cvm.analyses.cohorts import SITE_SIZES, generate_site, write_parquet

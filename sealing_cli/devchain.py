@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from sealing_cli.processes import ManagedProcess, free_loopback_port
+from compose.backends.launcher import ManagedProcess, free_loopback_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ANVIL_BIN = REPO_ROOT / "tools" / "node_modules" / ".bin" / "anvil"

@@ -17,121 +17,53 @@ import signal
 import sys
 import time
 from pathlib import Path
-from contextlib import contextmanager
-from typing import Annotated, Callable, Iterator, NoReturn, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
-from eth_account import Account
 from eth_account.signers.local import LocalAccount
-from rich.console import Console
-from rich.table import Table
-
-from contracts.chain import Chain, ChainError, ChainUnreachable, ComposeStatus, DstackApp, DstackKms
 from eth_keys import keys as eth_keys
 from eth_utils import is_address, to_checksum_address
-from kms_client.client import KmsClient, KmsError, KmsUnreachable
-from rich.progress import Progress
-from sealing_cli._sealed_file import SealedFileError, read_envelope, seal_file
-from sealing_cli.processes import ServiceStartError
-from sealing_cli.site_cli import site_app
-from sealing_cli.stack import (
-    DEFAULT_OWNER_NAMES,
-    LocalStack,
-    StackDescription,
-    StackError,
-    default_state_dir,
-    read_keystore,
-)
 from rich.markup import escape
-from sealing_cli.verify import NotAReceipt, load_receipt, render_checklist, verify_receipt
+from rich.progress import Progress
+from rich.table import Table
 
-EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_KEY = 1, 2, 3, 4
+from auditor.verify import NotAReceipt, load_receipt, render_checklist, verify_receipt
+from compose.backends.launcher import ServiceStartError
+from compose.stack_file import StackDescription, StackError, default_state_dir
+from contracts.chain import (
+    Chain,
+    ChainError,
+    ChainUnreachable,
+    ComposeStatus,
+    DstackApp,
+    DstackKms,
+)
+from cvm.sealed.dataset import SealedFileError, read_envelope, seal_file
+from kms_client.client import KmsClient, KmsError, KmsUnreachable
+from sealing_cli.common import (
+    EXIT_REFUSED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    ComposeHashOpt,
+    JsonFlag,
+    KeystoreOpt,
+    OwnerOpt,
+    StateDir,
+    chain_refused,
+    err,
+    fail,
+    load_signer,
+    load_stack,
+    open_app,
+    open_chain,
+    out,
+    parse_compose_hash,
+)
+from sealing_cli.site_cli import site_app
+from sealing_cli.stack import DEFAULT_OWNER_NAMES, LocalStack
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Sealroom: sealed datasets, k-of-n consent on-chain, attested DP studies.")
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-
-
-def fail(message: str, code: int, hint: str | None = None) -> NoReturn:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    if hint:
-        err.print(f"[bold]hint:[/] {escape(hint)}", highlight=False)
-    raise typer.Exit(code)
-
-
-StateDir = Annotated[Optional[Path], typer.Option("--state-dir", help="Stack state folder (default: $SEALROOM_HOME or ./.sealroom)")]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
-OwnerOpt = Annotated[Optional[str], typer.Option("--owner", help="A dev owner of the local stack, by name or address")]
-KeystoreOpt = Annotated[Optional[Path], typer.Option("--keystore", help="An encrypted eth-account keystore (password from SEAL_KEYSTORE_PASSWORD)")]
-ComposeHashOpt = Annotated[str, typer.Option("--compose-hash", help="The compose hash (0x + 64 hex digits)")]
-
-
-def _stack(state_dir: Path | None) -> StackDescription:
-    try:
-        return StackDescription.load(state_dir)
-    except StackError as exc:
-        fail(str(exc), EXIT_UNREACHABLE, "run `seal up` in another terminal, or pass --state-dir")
-
-
-@contextmanager
-def _chain(stack: StackDescription) -> Iterator[Chain]:
-    try:
-        chain = Chain(stack.rpc_url)
-    except ChainUnreachable as exc:
-        fail(str(exc), EXIT_UNREACHABLE, "is `seal up` still running?")
-    with chain:
-        yield chain
-
-
-@contextmanager
-def _app(stack: StackDescription) -> Iterator[DstackApp]:
-    with _chain(stack) as chain:
-        yield DstackApp(chain, stack.dstack_app)
-
-
-def _compose_hash(value: str) -> bytes:
-    raw = value.removeprefix("0x")
-    if len(raw) != 64:
-        fail(f"a compose hash is 32 bytes (64 hex digits), got {len(raw)} digits", EXIT_USAGE)
-    try:
-        return bytes.fromhex(raw)
-    except ValueError:
-        fail(f"compose hash is not hex: {value!r}", EXIT_USAGE)
-
-
-def _signer(stack: StackDescription | None, owner: str | None, keystore: Path | None) -> LocalAccount:
-    """The acting owner's key: --keystore, then --owner (dev stack), then SEAL_OWNER_KEY."""
-    chosen = [x for x in (owner, keystore) if x is not None]
-    if len(chosen) > 1:
-        fail("give either --owner or --keystore, not both", EXIT_USAGE)
-    try:
-        if keystore is not None:
-            password = os.environ.get("SEAL_KEYSTORE_PASSWORD")
-            if password is None:
-                password = typer.prompt("keystore password", hide_input=True)
-            return read_keystore(keystore, password)
-        if owner is not None:
-            if stack is None:
-                fail("--owner names a dev owner of the local stack, and no stack is running", EXIT_UNREACHABLE)
-            entry = stack.owner(owner)
-            return read_keystore(entry.keystore, stack.dev_keystore_password)
-        if key := os.environ.get("SEAL_OWNER_KEY"):
-            return Account.from_key(key)
-    except StackError as exc:
-        fail(str(exc), EXIT_KEY)
-    except (OSError, ValueError) as exc:
-        # eth-account raises ValueError("MAC mismatch") for a wrong password; never echo key material.
-        fail(f"could not load the owner key: {type(exc).__name__}: {exc}", EXIT_KEY,
-             "check the keystore path and SEAL_KEYSTORE_PASSWORD")
-    fail("no owner key given", EXIT_KEY, "use --owner NAME (local stack), --keystore PATH, or set SEAL_OWNER_KEY")
-
-
-def _refused(exc: ChainError) -> NoReturn:
-    if isinstance(exc, ChainUnreachable):
-        fail(str(exc), EXIT_UNREACHABLE, "is `seal up` still running?")
-    fail(str(exc), EXIT_REFUSED)
-
 
 def _print_status(status: ComposeStatus, names: dict[str, str]) -> None:
     state = "REVOKED" if status.revoked else ("allowed" if status.allowed else
@@ -200,7 +132,7 @@ def analyst_token(
     """Issue an API token for an analyst. It is printed once; only its hash is kept."""
     from compose.auth import issue_token
 
-    stack = _stack(state_dir)
+    stack = load_stack(state_dir)
     api = stack.services.get("api")
     if api is None:
         fail("the local stack runs no analysts' API", EXIT_UNREACHABLE, "start the stack with `seal up`")
@@ -215,7 +147,7 @@ def analyst_token(
 @app.command()
 def down(state_dir: StateDir = None) -> None:
     """Stop a stack started by `seal up`."""
-    stack = _stack(state_dir)
+    stack = load_stack(state_dir)
     try:
         os.kill(stack.supervisor_pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -256,14 +188,14 @@ def revoke(
 def _send(action: str, compose_hash: str, state_dir: Path | None, owner: str | None, keystore: Path | None,
           as_json: bool, transaction: Callable[[DstackApp, bytes, LocalAccount], dict]) -> None:
     """One owner transaction on the study's DstackApp, with the CLI's errors and output."""
-    stack = _stack(state_dir)
-    signer = _signer(stack, owner, keystore)
-    h = _compose_hash(compose_hash)
+    stack = load_stack(state_dir)
+    signer = load_signer(stack, owner, keystore)
+    h = parse_compose_hash(compose_hash)
     try:
-        with _app(stack) as study:
+        with open_app(stack) as study:
             receipt = transaction(study, h, signer)
     except ChainError as exc:
-        _refused(exc)
+        chain_refused(exc)
     _done(as_json, action, h, receipt, signer.address)
 
 
@@ -285,14 +217,14 @@ def status(
     state_dir: StateDir = None, as_json: JsonFlag = False,
 ) -> None:
     """Show the stack, the study's privacy budget and (with --compose-hash) approvals and revocation."""
-    stack = _stack(state_dir)
-    h = _compose_hash(compose_hash) if compose_hash else None
+    stack = load_stack(state_dir)
+    h = parse_compose_hash(compose_hash) if compose_hash else None
     try:
-        with _app(stack) as study:
+        with open_app(stack) as study:
             budget = study.budget()
             detail = study.status(h) if h else None
     except ChainError as exc:
-        _refused(exc)
+        chain_refused(exc)
     if as_json:
         record = {"chain_id": stack.chain_id, "rpc_url": stack.rpc_url, "dstack_kms": stack.dstack_kms,
                   "dstack_app": stack.dstack_app, "threshold": stack.threshold, "owners": len(stack.owners),
@@ -321,10 +253,10 @@ def _pinned_kms_root(stack: StackDescription | None, kms_root: str | None) -> st
     if stack is None:
         fail("no KMS root to pin", EXIT_USAGE, "pass --kms-root ADDRESS, or run against a local stack")
     try:
-        with _chain(stack) as chain:
+        with open_chain(stack) as chain:
             registered = DstackKms(chain, stack.dstack_kms).kms_root_pubkey()
     except ChainError as exc:
-        _refused(exc)
+        chain_refused(exc)
     if not registered:
         fail("no KMS root is registered in DstackKms", EXIT_REFUSED)
     return eth_keys.PublicKey.from_compressed_bytes(registered).to_checksum_address()
@@ -343,9 +275,9 @@ def dataset(
     state_dir: StateDir = None, owner: OwnerOpt = None, keystore: KeystoreOpt = None, as_json: JsonFlag = False,
 ) -> None:
     """Seal a dataset for one recipe: only a CVM measured as that compose hash can ever open it."""
-    stack = None if (kms_url and kms_root and owner is None) else _stack(state_dir)
-    signer = _signer(stack, owner, keystore)
-    h = _compose_hash(compose_hash)
+    stack = None if (kms_url and kms_root and owner is None) else load_stack(state_dir)
+    signer = load_signer(stack, owner, keystore)
+    h = parse_compose_hash(compose_hash)
     if not is_address(app_id):
         fail(f"--app-id must be a 0x address (the DstackApp contract), got {app_id!r}", EXIT_USAGE)
     root = _pinned_kms_root(stack, kms_root)
@@ -413,13 +345,14 @@ def demo(
 ) -> None:
     """Run the demo study end to end on the embedded local stack."""
     if federated:
+        from sealing_cli.demo import transcript_runner
         from sealing_cli.demo_federated import run_federated_demo
 
-        run_federated_demo(state_dir or default_state_dir() / "demo-federated")
+        run_federated_demo(state_dir or default_state_dir() / "demo-federated", seal=transcript_runner(app))
         return
-    from sealing_cli.demo import run_demo
+    from sealing_cli.demo import run_demo, transcript_runner
 
-    run_demo(state_dir or default_state_dir() / "demo", small=small)
+    run_demo(state_dir or default_state_dir() / "demo", seal=transcript_runner(app), small=small)
 
 
 @app.command()

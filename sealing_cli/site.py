@@ -65,7 +65,7 @@ from cvm.aggregator import (
     weights_from_hex,
 )
 from cvm.analyses.dpsgd import Features, prepare_features
-from cvm.attestation import AttestationError, verify_attestation
+from cvm.attest.verify import AttestationError, verify_attestation
 from cvm.federated import (
     RoundContract,
     SignedUpdate,
@@ -77,7 +77,7 @@ from cvm.federated import (
 )
 from cvm.federated.task import TASK, Quality, as_module, as_vector, quality
 from kms_client.box import seal_to_bytes
-from sealing_cli.site_cli import DEFAULT_ACCEPT_TOLERANCE, DEFAULT_GATE_TOLERANCE
+from sealing_cli.common import DEFAULT_ACCEPT_TOLERANCE, DEFAULT_GATE_TOLERANCE
 
 VALIDATION_FRACTION = 0.2
 LEARNING_RATE = 0.5

@@ -12,8 +12,19 @@ from typing import Annotated, Optional
 
 import typer
 
-DEFAULT_GATE_TOLERANCE = 0.02   # log-loss (nats) the local update may add on local validation
-DEFAULT_ACCEPT_TOLERANCE = 0.01  # AUC the global candidate may lose against the champion
+from compose.stack_file import default_state_dir
+from sealing_cli.common import (
+    DEFAULT_ACCEPT_TOLERANCE,
+    DEFAULT_GATE_TOLERANCE,
+    EXIT_REFUSED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    fail,
+    load_signer,
+    load_stack,
+    open_app,
+    out,
+)
 
 # ---- `seal site …` -----------------------------------------------------------------------------------------------------
 
@@ -27,28 +38,21 @@ _Data = Annotated[Path, typer.Option("--data", help="The site's own table (parqu
                                      exists=True, dir_okay=False)]
 
 
-def _cli():
-    from sealing_cli import main   # the `seal` app imports this module: resolve its helpers at call time
-
-    return main
-
-
 def _root(allow_simulated: bool, simulated_root: Path | None) -> bytes | None:
     if allow_simulated and simulated_root is None:
-        _cli().fail("--allow-simulated needs --simulated-root (the pinned simulated TDX root)", _cli().EXIT_USAGE)
+        fail("--allow-simulated needs --simulated-root (the pinned simulated TDX root)", EXIT_USAGE)
     return simulated_root.read_bytes() if allow_simulated and simulated_root else None
 
 
 def _refuse(exc: Exception) -> None:
     from sealing_cli.site import AggregatorNotTrusted, AggregatorUnreachable
 
-    cli = _cli()
     if isinstance(exc, AggregatorUnreachable):
-        cli.fail(str(exc), cli.EXIT_UNREACHABLE, "is the round's aggregator running?")
+        fail(str(exc), EXIT_UNREACHABLE, "is the round's aggregator running?")
     hint = None
     if isinstance(exc, AggregatorNotTrusted) and "SIMULATED" in exc.reason:
         hint = "on a dev stack, pass --allow-simulated --simulated-root <state-dir>/simulated-tdx/root.der"
-    cli.fail(str(exc), cli.EXIT_REFUSED, hint)
+    fail(str(exc), EXIT_REFUSED, hint)
 
 
 @site_app.command()
@@ -68,13 +72,12 @@ def train(
     from contracts.chain import ChainError
     from sealing_cli.site import SiteError, SiteState, load_site_data, train_round
 
-    cli = _cli()
     root = _root(allow_simulated, simulated_root)
-    stack = cli._stack(state_dir)
-    account = cli._signer(stack, owner, keystore)
+    stack = load_stack(state_dir)
+    account = load_signer(stack, owner, keystore)
     site_data = load_site_data(data)
-    state = SiteState(state_dir or cli.default_state_dir(), account.address)
-    with cli._app(stack) as app:
+    state = SiteState(state_dir or default_state_dir(), account.address)
+    with open_app(stack) as app:
         try:
             outcome = train_round(aggregator_url=aggregator, app_compose=round_compose.read_bytes(), app=app,
                                   account=account, data=site_data, state=state, now=int(time.time()),
@@ -83,7 +86,7 @@ def train(
         except (SiteError, ChainError) as exc:
             _refuse(exc)
     simulated = " (SIMULATED TEE)" if allow_simulated else ""
-    cli.out.print(f"round {outcome.round}: aggregator attested{simulated}; local validation AUC "
+    out.print(f"round {outcome.round}: aggregator attested{simulated}; local validation AUC "
                   f"{outcome.parent.auc:.4f} -> {outcome.trained.auc:.4f}, log-loss {outcome.parent.loss:.4f} -> "
                   f"{outcome.trained.loss:.4f}; update norm {outcome.raw_norm:.3f} clipped to {outcome.sent_norm:.3f}; "
                   f"sent signed and sealed (sha256 {outcome.update_sha256[:16]}…)", highlight=False)
@@ -96,12 +99,11 @@ def _decide(keep_candidate_if_good: bool, round_number: int, data: Path, owner: 
     from cvm.aggregator import RoundRecordInvalid
     from sealing_cli.site import SiteError, SiteState, decide_round, load_site_data
 
-    cli = _cli()
     root = _root(allow_simulated, simulated_root)
-    stack = cli._stack(state_dir)
-    account = cli._signer(stack, owner, keystore)
-    state = SiteState(state_dir or cli.default_state_dir(), account.address)
-    with cli._app(stack) as app:
+    stack = load_stack(state_dir)
+    account = load_signer(stack, owner, keystore)
+    state = SiteState(state_dir or default_state_dir(), account.address)
+    with open_app(stack) as app:
         try:
             outcome = decide_round(round_number=round_number, keep_candidate_if_good=keep_candidate_if_good, app=app,
                                    data=load_site_data(data), state=state, now=int(time.time()),
@@ -111,10 +113,10 @@ def _decide(keep_candidate_if_good: bool, round_number: int, data: Path, owner: 
             _refuse(exc)
     d, record = outcome.decision, outcome.published.record
     kept = "adopted the global candidate" if d.keep == "candidate" else "stays on its champion (rollback)"
-    cli.out.print(f"round {round_number}: signed round record verified{' (SIMULATED TEE)' if outcome.published.simulated else ''}; "
+    out.print(f"round {round_number}: signed round record verified{' (SIMULATED TEE)' if outcome.published.simulated else ''}; "
                   f"candidate AUC {d.candidate_quality:.4f} vs champion {d.champion_quality:.4f} on local validation: "
                   f"{kept}; champion digest {d.kept_digest[:16]}…", highlight=False)
-    cli.out.print(f"  record: {len(record.joined)} joined, dropped {list(record.dropped)}, rejected "
+    out.print(f"  record: {len(record.joined)} joined, dropped {list(record.dropped)}, rejected "
                   f"{[(r.site, r.reason.value) for r in record.rejected]}, flagged {[f.site for f in record.flagged]}; "
                   f"ε round {record.privacy.epsilon_round:.3f}, total {record.privacy.epsilon_spent_total:.3f}, "
                   f"left {record.privacy.epsilon_left:.3f}", highlight=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cvm.agent_sim.agent import GuestAgentSimulator
-from cvm.eventlog import event_log_json, parse_event_log
+from cvm.attest.eventlog import event_log_json, parse_event_log
 
 KMS_ROOT_PLACEHOLDER = b"\x02" + b"\x11" * 32
 

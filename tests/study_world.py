@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 
 from compose.app_compose import build_app_compose, compose_hash, normalized_json_bytes
 from compose.manifest import StudyManifest
+from compose.stack_file import read_keystore
 from contracts.chain import DstackApp
 from cvm.analyses.cohorts import generate_site, write_parquet
 from sealing_cli.main import app as seal_cli
-from sealing_cli.stack import LocalStack, read_keystore
+from sealing_cli.stack import LocalStack
 
 YAML = "services:\n  study:\n    image: sealroom/study@sha256:" + "3" * 64 + "\n"
 SITES = {"A": "EU-West", "B": "APAC"}

@@ -17,7 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from dstack_sdk import AsyncDstackClient, DstackClient
 from eth_keys import keys
@@ -31,9 +34,13 @@ from cvm.agent_sim import (
     GuestAgentSimulator,
 )
 from cvm.agent_sim.__main__ import main as agent_main
-from cvm.attestation import SimulatedQuoteNotAllowed, VerifiedBoot, verify_attestation
-from cvm.eventlog import extend_rtmr, runtime_event_digest
-from cvm.sim_tdx import SIMULATED_DEVICE_ID, SIMULATED_OS_IMAGE_HASH, SimulatedTdx
+from cvm.attest.eventlog import extend_rtmr, runtime_event_digest
+from cvm.attest.simulated import (
+    SIMULATED_DEVICE_ID,
+    SIMULATED_OS_IMAGE_HASH,
+    SimulatedTdx,
+)
+from cvm.attest.verify import SimulatedQuoteNotAllowed, VerifiedBoot, verify_attestation
 
 APP_ID = bytes.fromhex("5fbdb2315678afecb367f032d93f642f64180aa3")
 APP_COMPOSE = json.dumps(
@@ -364,9 +371,10 @@ def test_cli_refuses_a_bad_app_id_and_an_unreachable_kms(tmp_path, capsys):
 
 def test_cli_boots_serves_and_stops(tmp_path):
     """The real entry point against a real KMS and chain: boots only for an approved recipe, serves, stops."""
+    from compose.stack_file import read_keystore
     from contracts.chain import DstackApp
-    from kms_client.verify import verify_get_key_response
-    from sealing_cli.stack import LocalStack, read_keystore
+    from kms_client.signature_chain import verify_get_key_response
+    from sealing_cli.stack import LocalStack
 
     with LocalStack(tmp_path / "stack", owner_names=("A",), threshold=1) as stack:
         d = stack.description

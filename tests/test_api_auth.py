@@ -8,7 +8,13 @@ import json
 import pytest
 
 from compose import api, auth, backends
-from compose.auth import ANALYSTS_FILE, TOKEN_PREFIX, AnalystTokens, Unauthenticated, issue_token
+from compose.auth import (
+    ANALYSTS_FILE,
+    TOKEN_PREFIX,
+    AnalystTokens,
+    Unauthenticated,
+    issue_token,
+)
 
 
 @pytest.mark.parametrize("module", [auth, backends, api])

@@ -12,8 +12,9 @@ import pytest
 
 from compose.app_compose import compose_hash, manifest_from_app_compose
 from compose.auth import issue_token
+from compose.stack_file import read_keystore
 from contracts.chain import DstackApp
-from sealing_cli.stack import LocalStack, read_keystore
+from sealing_cli.stack import LocalStack
 from tests.study_world import SITES, STATS_PARAMS, YAML, start_study_stack
 
 

@@ -16,18 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cvm.attestation import (
-    AttestationError,
-    EventLogMismatch,
-    QuoteFormatError,
-    QuoteRejected,
-    ReportDataMismatch,
-    SimulatedQuoteNotAllowed,
-    verify_attestation,
-    verify_quote,
-)
-from cvm.eventlog import RuntimeEvent, event_log_json, replay_rtmr
-from cvm.sim_tdx import (
+from cvm.attest.eventlog import RuntimeEvent, event_log_json, replay_rtmr
+from cvm.attest.simulated import (
     SIMULATED_DEVICE_ID,
     SIMULATED_MRTD,
     SIMULATED_ROOT_CN,
@@ -37,13 +27,24 @@ from cvm.sim_tdx import (
     SimulatedTdx,
     mr_config_id_v1,
 )
-from cvm.tdx_quote import assemble_quote, ecdsa_der_to_raw, parse_quote_unverified
+from cvm.attest.tdx_quote import (
+    assemble_quote,
+    ecdsa_der_to_raw,
+    parse_quote_unverified,
+)
+from cvm.attest.verify import (
+    AttestationError,
+    EventLogMismatch,
+    QuoteFormatError,
+    QuoteRejected,
+    ReportDataMismatch,
+    SimulatedQuoteNotAllowed,
+    verify_attestation,
+    verify_quote,
+)
 
 _REPO = Path(__file__).resolve().parents[1]
-FIXTURES = next(
-    (p for p in (_REPO / "tests" / "fixtures" / "tdx", _REPO.parent / "shared" / "fixtures" / "tdx") if p.is_dir()),
-    _REPO.parent / "shared" / "fixtures" / "tdx",
-)
+FIXTURES = _REPO / "tests" / "fixtures" / "tdx"  # real Intel TDX samples, vendored (see its README.md)
 FIXTURE_NOW = 1750331763  # tdx_quote_collateral's TCB issueDate + 1 h (fixtures/tdx/README.md)
 OUTDATED_NOW = 1771459200  # inside tdx_quote_outdated_collateral's window (2026-02-19)
 SIM_NOW = 1_780_000_000  # the simulated platforms below are dated from this moment
@@ -345,7 +346,7 @@ def test_verify_attestation_returns_the_boot_from_the_log(platform):
     assert boot.instance_id == hashlib.sha256(b"seed" + APP_ID).digest()[:20]
     assert boot.key_provider_info == KEY_PROVIDER and boot.events.key_provider["name"] == "kms"
     assert boot.device_id == SIMULATED_DEVICE_ID and boot.tcb_status == "UpToDate" and boot.os_image_hash is None
-    # dstack's formulas (reference/dstack.md §2), computed here independently:
+    # dstack's formulas (docs/design.md, "dstack formats"), computed here independently:
     assert boot.mr_system == hashlib.sha256(
         SIMULATED_MRTD + SIMULATED_RTMR0 + SIMULATED_RTMR1 + SIMULATED_RTMR2 + hashlib.sha256(KEY_PROVIDER).digest()
     ).digest()

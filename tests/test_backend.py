@@ -24,11 +24,12 @@ from typer.testing import CliRunner
 
 from compose.app_compose import compose_hash
 from compose.backends import LaunchFailed, LocalProcessBackend, RunStatus, bwrap_command
+from compose.stack_file import read_keystore
 from contracts.chain import DstackApp
 from cvm.analyses.cohorts import generate_site, write_parquet
 from cvm.receipt import envelope_digest
 from sealing_cli.main import app as seal_cli
-from sealing_cli.stack import LocalStack, read_keystore
+from sealing_cli.stack import LocalStack
 from tests.study_world import SITES, make_recipe, start_study_stack
 
 BWRAP = shutil.which("bwrap")

@@ -6,6 +6,7 @@ import hashlib
 
 import pytest
 
+from compose.backends.launcher import free_loopback_port
 from contracts.chain import (
     AlreadyApproved,
     BudgetExceeded,
@@ -21,7 +22,6 @@ from contracts.chain import (
     SignatureExpired,
     UnknownComposeHash,
 )
-from sealing_cli.processes import free_loopback_port
 
 H = hashlib.sha256(b"app-compose.json of study A").digest()
 H2 = hashlib.sha256(b"app-compose.json of study B").digest()

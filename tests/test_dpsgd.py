@@ -10,9 +10,23 @@ import pyarrow as pa
 import pytest
 import torch
 
-from cvm.analyses import BudgetTooSmall, MissingBounds, PrivacyLoss, TrainingSpec, run_dp_sgd
+from cvm.analyses import (
+    BudgetTooSmall,
+    MissingBounds,
+    PrivacyLoss,
+    TrainingSpec,
+    run_dp_sgd,
+)
 from cvm.analyses.cohorts import FEATURE_BOUNDS, OUTCOME, SITE_SIZES, generate_cohorts
-from cvm.analyses.dpsgd import _generator, _randomness, prepare_features, roc_auc, scores, split_held_out, train_dp
+from cvm.analyses.dpsgd import (
+    _generator,
+    _randomness,
+    prepare_features,
+    roc_auc,
+    scores,
+    split_held_out,
+    train_dp,
+)
 
 TARGET = PrivacyLoss(1.5, 1e-6)
 ROWS = 20_000

@@ -6,7 +6,7 @@ import json
 import pytest
 from dstack_sdk.dstack_client import replay_rtmr as sdk_replay_rtmr
 
-from cvm.eventlog import (
+from cvm.attest.eventlog import (
     DSTACK_RUNTIME_EVENT_TYPE,
     EventLogMismatch,
     RuntimeEvent,
@@ -16,7 +16,7 @@ from cvm.eventlog import (
     replay_rtmr,
     runtime_event_digest,
 )
-from cvm.tdx_quote import AttestationError
+from cvm.attest.tdx_quote import AttestationError
 
 APP_ID = bytes.fromhex("8f2cf602c9695b23130367ed78d8f557554de7c5")
 COMPOSE_HASH = hashlib.sha256(b'{"manifest_version":2,"name":"study"}').digest()
@@ -26,7 +26,7 @@ KEY_PROVIDER = json.dumps({"name": "kms", "id": "02" + "ab" * 32}).encode()
 
 
 def boot_events(**overrides: bytes) -> list[RuntimeEvent]:
-    """dstack's boot order (reference/dstack.md §1), payloads overridable by event name."""
+    """dstack's boot order (docs/design.md, "dstack formats"), payloads overridable by event name."""
     payloads = {
         "system-preparing": b"",
         "app-id": APP_ID,

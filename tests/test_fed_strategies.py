@@ -19,11 +19,11 @@ from cvm.federated import (
     coordinate_median,
     fedavg,
     run_round,
+    strategies,
     strategy_for,
     trimmed_mean,
     trimmed_mean_strategy,
 )
-from cvm.federated import strategies
 from tests.test_fed_support import make_contract, make_sites, signed
 
 RNG = np.random.default_rng(7)

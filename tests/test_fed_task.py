@@ -14,7 +14,12 @@ from cvm.aggregator import check_reference
 from cvm.analyses.cohorts import generate_site, write_parquet
 from cvm.analyses.dpsgd import prepare_features, roc_auc
 from cvm.federated import AccountantState, run_round
-from cvm.federated.task import NUM_PARAMETERS, TASK, ReferenceCohort, ReferenceCohortInvalid
+from cvm.federated.task import (
+    NUM_PARAMETERS,
+    TASK,
+    ReferenceCohort,
+    ReferenceCohortInvalid,
+)
 from tests.test_fed_support import make_contract, make_sites, signed
 
 SITES = ("EU-West", "APAC")

@@ -13,7 +13,14 @@ import pytest
 from eth_keys import keys
 from eth_utils import keccak
 
-from cvm.federated import Reason, SignedUpdate, clip, sign_update, validate_updates, vector_digest
+from cvm.federated import (
+    Reason,
+    SignedUpdate,
+    clip,
+    sign_update,
+    validate_updates,
+    vector_digest,
+)
 from cvm.federated.updates import update_message_hash
 from cvm.federated.validation import NORM_TOLERANCE
 from tests.test_fed_support import make_contract, make_sites, signed, small_updates

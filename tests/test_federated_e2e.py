@@ -20,15 +20,27 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
+from compose.backends.launcher import ManagedProcess, ServiceStartError
+from compose.stack_file import read_keystore
 from contracts.chain import DstackApp, to_micro_epsilon
-from cvm.aggregator import RoundRecordInvalid, build_round_compose, verify_round_attestation
+from cvm.aggregator import (
+    RoundRecordInvalid,
+    build_round_compose,
+    verify_round_attestation,
+)
 from cvm.analyses.cohorts import generate_site, write_parquet
-from cvm.federated import AccountantState, Reason, RoundContract, epsilon_spent, sign_update, vector_digest
-from cvm.sim_tdx import SimulatedTdx
+from cvm.attest.simulated import SimulatedTdx
+from cvm.federated import (
+    AccountantState,
+    Reason,
+    RoundContract,
+    epsilon_spent,
+    sign_update,
+    vector_digest,
+)
+from cvm.federated.task import NUM_PARAMETERS, ReferenceCohort
 from sealing_cli.demo_federated import start_round_aggregator, wait_for_result
 from sealing_cli.main import app as seal_cli
-from sealing_cli.processes import ManagedProcess, ServiceStartError
-from cvm.federated.task import NUM_PARAMETERS, ReferenceCohort
 from sealing_cli.site import (
     AggregatorNotTrusted,
     RoundNotPublished,
@@ -36,7 +48,7 @@ from sealing_cli.site import (
     attest_aggregator,
     send_update,
 )
-from sealing_cli.stack import LocalStack, read_keystore
+from sealing_cli.stack import LocalStack
 
 SITES = ("EU-West", "APAC", "CH")
 # C's only in-round update is over the norm, so C never has a valid update and the round closes at its deadline

@@ -6,12 +6,13 @@ import hashlib
 
 import pytest
 
-from cvm.eventlog import RuntimeEvent
+from compose.stack_file import read_keystore
+from cvm.attest.eventlog import RuntimeEvent
 from kms.keys import generate_root_keys
 from kms.service import KeyManagementService, Refused
 from kms_client import wire
 from kms_client.client import KmsClient, KmsRefused
-from sealing_cli.stack import LocalStack, read_keystore
+from sealing_cli.stack import LocalStack
 from tests.simulated_cvm import SimulatedCvm
 
 RECIPES = {name: f'{{"name":"{name}"}}'.encode() for name in ("approved", "pending", "revoked")}

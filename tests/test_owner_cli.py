@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from compose.stack_file import StackDescription, write_keystore
 from sealing_cli.main import app
-from sealing_cli.stack import LocalStack, StackDescription, write_keystore
+from sealing_cli.stack import LocalStack
 
 H = "0x" + hashlib.sha256(b"cli study").hexdigest()
 runner = CliRunner()
@@ -130,9 +131,13 @@ def test_seal_up_boots_the_cvm_once_approved_and_down_leaves_no_process(tmp_path
     """`seal up --compose` as a real process: stack description, CVM boot on approval, and `seal down` stops all."""
     from eth_account import Account
 
-    from tests.study_world import YAML
-    from compose.app_compose import build_app_compose, compose_hash, normalized_json_bytes
+    from compose.app_compose import (
+        build_app_compose,
+        compose_hash,
+        normalized_json_bytes,
+    )
     from compose.manifest import StudyManifest
+    from tests.study_world import YAML
 
     manifest = StudyManifest.model_validate({
         "study": "up-test", "inputs": [{"owner": Account.create().address, "name": "x"}],

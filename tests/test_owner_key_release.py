@@ -7,11 +7,12 @@ from eth_account import Account
 
 from compose.app_compose import build_app_compose, compose_hash, normalized_json_bytes
 from compose.manifest import StudyManifest
+from compose.stack_file import read_keystore
 from contracts.chain import DstackApp, DstackKms
 from kms_client.box import raw_public
 from kms_client.client import KmsClient, KmsRefused
 from sealing_cli.devchain import ANVIL_FUNDER_KEY
-from sealing_cli.stack import LocalStack, read_keystore
+from sealing_cli.stack import LocalStack
 from tests.simulated_cvm import SimulatedCvm
 
 YAML = "services:\n  study:\n    image: sealroom/study@sha256:" + "1" * 64 + "\n"

@@ -7,9 +7,9 @@ import importlib
 import pytest
 
 PUBLIC = {
-    "sealing_cli": {"DEFAULT_CHUNK_SIZE", "DecryptionFailed", "Envelope", "EnvelopeHeader", "EnvelopeSignatureInvalid",
-                    "InputChangedWhileSealing", "MalformedSealedFile", "OpenedDataset", "SealSummary", "SealedFileError",
-                    "SealedForAnotherRecipe", "UnsupportedFormatVersion", "open_sealed", "read_envelope", "seal_file"},
+    "cvm.sealed": {"DEFAULT_CHUNK_SIZE", "DecryptionFailed", "Envelope", "EnvelopeHeader", "EnvelopeSignatureInvalid",
+                   "InputChangedWhileSealing", "MalformedSealedFile", "OpenedDataset", "SealSummary", "SealedFileError",
+                   "SealedForAnotherRecipe", "UnsupportedFormatVersion", "open_sealed", "read_envelope", "seal_file"},
     "kms_client": {"AppKey", "KmsAnswerInvalid", "KmsAppKeyProvider", "KmsClient", "KmsError", "KmsRefused",
                    "KmsUnreachable", "OwnerKeyRelease", "make_key_provider"},
 }

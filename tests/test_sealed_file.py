@@ -23,16 +23,16 @@ from eth_keys import keys
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sealing_cli import _sealed_file
-from sealing_cli._sealed_file import (
+from cvm.sealed import dataset as _sealed_file
+from cvm.sealed.dataset import (
     DEFAULT_CHUNK_SIZE,
     InputChangedWhileSealing,
     open_sealed,
     read_envelope,
     seal_file,
 )
-from sealing_cli._source import CsvRowCounter, SchemaField
-from sealing_cli._stream import payload_length
+from cvm.sealed.source import CsvRowCounter, SchemaField
+from cvm.sealed.stream import payload_length
 
 APP_ID = bytes.fromhex("5a1e" * 10)
 COMPOSE_HASH = hashlib.sha256(b"app-compose.json of the test study").digest()

@@ -1,6 +1,6 @@
 """Every way of damaging or forging a sealed file is refused, with the error named for what happened.
 
-Regions of a sealed file (see sealing_cli/_envelope.py): magic line | head | payload | tail.
+Regions of a sealed file (see cvm/sealed/envelope.py): magic line | head | payload | tail.
 A change in the magic line is MalformedSealedFile or UnsupportedFormatVersion; in head or tail,
 MalformedSealedFile or EnvelopeSignatureInvalid; in the payload, DecryptionFailed. Any other
 exception type (a dependency's error leaking out) fails these tests.
@@ -21,10 +21,8 @@ from eth_keys.constants import SECPK1_N
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sealing_cli import _envelope
-from sealing_cli._envelope import encode_head, encode_tail, read_envelope_unverified, sign_envelope
-from sealing_cli._keywrap import WrapContext, WrappedKey, unwrap_data_key, wrap_data_key
-from sealing_cli._sealed_file import (
+from cvm.sealed import envelope as _envelope
+from cvm.sealed.dataset import (
     DecryptionFailed,
     EnvelopeSignatureInvalid,
     MalformedSealedFile,
@@ -34,7 +32,14 @@ from sealing_cli._sealed_file import (
     read_envelope,
     seal_file,
 )
-from sealing_cli._stream import TAG_BYTES, decrypt_stream, encrypt_stream, payload_length
+from cvm.sealed.envelope import (
+    encode_head,
+    encode_tail,
+    read_envelope_unverified,
+    sign_envelope,
+)
+from cvm.sealed.keywrap import WrapContext, WrappedKey, unwrap_data_key, wrap_data_key
+from cvm.sealed.stream import TAG_BYTES, decrypt_stream, encrypt_stream, payload_length
 
 APP_ID = bytes.fromhex("a11ce" * 8)
 COMPOSE_HASH = hashlib.sha256(b"the approved recipe").digest()

@@ -1,4 +1,4 @@
-"""kms_client/verify.py: owner sealing keys and dstack signature chains, each check from both sides.
+"""kms_client/signature_chain.py: owner sealing keys and dstack signature chains, each check from both sides.
 
 Chains are built here the way dstack's guest agent builds them (guest-agent/src/rpc_service.rs — GetKey:
 HKDF of the app key over the path, the app key signs keccak256("{purpose}:{pubkey hex}"); Sign: the key at
@@ -27,8 +27,8 @@ from kms.keys import (
     sign_app_key,
     sign_owner_seal_pubkey,
 )
-from kms_client import verify
-from kms_client.verify import (
+from kms_client import signature_chain
+from kms_client.signature_chain import (
     LINK_APP_KEY,
     LINK_CHAIN,
     LINK_KMS,
@@ -466,9 +466,9 @@ def test_errors_form_one_tree():
 
 
 def test_public_surface():
-    assert set(verify.__all__) == {
+    assert set(signature_chain.__all__) == {
         "MAX_CLOCK_SKEW_S", "LINK_CHAIN", "LINK_MESSAGE", "LINK_APP_KEY", "LINK_KMS", "KmsClientError",
         "UntrustedKmsKey", "SignatureChainMismatch", "ChainRoots", "verify_owner_seal_pubkey", "recover_signature_chain",
         "verify_signature_chain", "verify_get_key_response",
     }
-    assert all(hasattr(verify, name) for name in verify.__all__)
+    assert all(hasattr(signature_chain, name) for name in signature_chain.__all__)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from cvm.attestation import verify_attestation
+from cvm.attest.verify import verify_attestation
 from cvm.receipt import envelope_digest
-from kms_client.verify import verify_signature_chain
+from kms_client.signature_chain import verify_signature_chain
 from tests.study_world import SITES, build_study_world, start_study_stack
 
 

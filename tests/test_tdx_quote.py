@@ -11,8 +11,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from cvm.sim_tdx import SIMULATED_QUOTE_USER_DATA, SIMULATED_ROOT_CN, SimulatedTdx
-from cvm.tdx_quote import (
+from cvm.attest.simulated import (
+    SIMULATED_QUOTE_USER_DATA,
+    SIMULATED_ROOT_CN,
+    SimulatedTdx,
+)
+from cvm.attest.tdx_quote import (
     QuoteFormatError,
     attestation_public_key,
     ecdsa_der_to_raw,
@@ -23,11 +27,7 @@ from cvm.tdx_quote import (
 )
 
 _REPO = Path(__file__).resolve().parents[1]
-# Vendored copy first (if the project adds one), else the shared fixtures beside the checkout.
-FIXTURES = next(
-    (p for p in (_REPO / "tests" / "fixtures" / "tdx", _REPO.parent / "shared" / "fixtures" / "tdx") if p.is_dir()),
-    _REPO.parent / "shared" / "fixtures" / "tdx",
-)
+FIXTURES = _REPO / "tests" / "fixtures" / "tdx"  # real Intel TDX samples, vendored (see its README.md)
 REAL_QUOTES = {
     "tdx_quote (v4)": lambda: (FIXTURES / "tdx_quote").read_bytes(),
     "tdx_quote_outdated (v5, TD report 1.5)": lambda: (FIXTURES / "tdx_quote_outdated").read_bytes(),
@@ -58,12 +58,6 @@ def assert_same_as_dcap_qvl(raw: bytes) -> None:
     if ours.body.tee_tcb_svn2 is not None:
         assert (ours.body.tee_tcb_svn2, ours.body.mr_service_td) == (theirs.report.tee_tcb_svn2, theirs.report.mr_service_td)
     assert ours.pck_cert_chain_pem.rstrip(b"\0") == theirs.cert_chain_pem_bytes()
-
-
-def test_fixtures_are_the_pinned_bytes():
-    sums = dict(line.split()[::-1] for line in (FIXTURES / "SHA256SUMS").read_text().splitlines() if line.strip())
-    for name, digest in sums.items():
-        assert hashlib.sha256((FIXTURES / name).read_bytes()).hexdigest() == digest, name
 
 
 @pytest.mark.parametrize("name", REAL_QUOTES)
@@ -114,7 +108,7 @@ def test_debug_is_td_attributes_bit_0(tmp_path):
 
 
 def region_boundaries(raw: bytes) -> list[int]:
-    """Offsets where each region of a v4 quote starts (see the layout in cvm.tdx_quote)."""
+    """Offsets where each region of a v4 quote starts (see the layout in cvm.attest.tdx_quote)."""
     auth_len = struct.unpack_from("<H", raw, 1218)[0]
     return [0, 48, 632, 636, 700, 764, 766, 770, 1154, 1218, 1220, 1220 + auth_len, 1222 + auth_len, 1226 + auth_len]
 

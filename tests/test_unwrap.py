@@ -13,12 +13,14 @@ from typer.testing import CliRunner
 
 from compose.app_compose import build_app_compose, compose_hash, normalized_json_bytes
 from compose.manifest import StudyManifest
+from compose.stack_file import read_keystore
 from contracts.chain import DstackApp
-from cvm.unwrap import INPUTS_EVENT, unwrap_datasets
+from cvm.labels import INPUTS_EVENT
+from cvm.sealed import SealedForAnotherRecipe
+from cvm.unwrap import unwrap_datasets
 from kms_client.client import KmsClient, KmsRefused
-from sealing_cli import SealedForAnotherRecipe
 from sealing_cli.main import app as seal_cli
-from sealing_cli.stack import LocalStack, read_keystore
+from sealing_cli.stack import LocalStack
 
 YAML = "services:\n  study:\n    image: sealroom/study@sha256:" + "2" * 64 + "\n"
 MARKER = "PLAINTEXT-MARKER-7f3a"

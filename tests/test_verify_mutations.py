@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
+from auditor.verify import NotAReceipt, VerificationReport, verify_receipt
 from contracts.chain import Chain
-from cvm.eventlog import RuntimeEvent
-from cvm.tdx_quote import parse_quote_unverified
-from cvm.unwrap import INPUTS_EVENT
-from sealing_cli.verify import NotAReceipt, VerificationReport, verify_receipt
+from cvm.attest.eventlog import RuntimeEvent
+from cvm.attest.tdx_quote import parse_quote_unverified
+from cvm.labels import INPUTS_EVENT
 from tests.study_world import build_study_world, start_study_stack
 
 FieldPath = tuple[Any, ...]

@@ -10,16 +10,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import sealing_cli.verify as verify_module
+import auditor.verify as verify_module
+from auditor.verify import LinkStatus, NotAReceipt, load_receipt, verify_receipt
+from compose.backends.launcher import free_loopback_port
 from sealing_cli.main import app
-from sealing_cli.processes import free_loopback_port
-from sealing_cli.verify import LinkStatus, NotAReceipt, load_receipt, verify_receipt
 
 _REPO = Path(__file__).resolve().parents[1]
-FIXTURES = next(
-    (p for p in (_REPO / "tests" / "fixtures" / "tdx", _REPO.parent / "shared" / "fixtures" / "tdx") if p.is_dir()),
-    _REPO.parent / "shared" / "fixtures" / "tdx",
-)
+FIXTURES = _REPO / "tests" / "fixtures" / "tdx"  # real Intel TDX samples, vendored (see its README.md)
 PINNED_NOW = 1750331763  # the collateral's TCB issueDate + 1 h (fixtures/tdx/README.md)
 COLLATERAL = FIXTURES / "tdx_quote_collateral.json"
 

@@ -15,17 +15,23 @@ from eth_account import Account
 from eth_keys import keys as eth_keys
 from typer.testing import CliRunner
 
-import sealing_cli.verify as verify_module
+import auditor.verify as verify_module
+from auditor.verify import LinkStatus, VerificationReport, verify_receipt
 from compose.app_compose import normalized_json_bytes
+from compose.backends.launcher import free_loopback_port
 from contracts.chain import Chain, DstackKms
-from cvm.eventlog import RuntimeEvent, parse_event_log, replay_rtmr
-from cvm.sim_tdx import SimulatedTdx, mr_config_id_v1
+from cvm.attest.eventlog import RuntimeEvent, parse_event_log, replay_rtmr
+from cvm.attest.simulated import SimulatedTdx, mr_config_id_v1
 from sealing_cli.devchain import ANVIL_FUNDER_KEY, Anvil
 from sealing_cli.main import app
-from sealing_cli.processes import free_loopback_port
 from sealing_cli.stack import LocalStack
-from sealing_cli.verify import LinkStatus, VerificationReport, verify_receipt
-from tests.study_world import StudyWorld, build_study_world, make_recipe, run_cvm, start_study_stack
+from tests.study_world import (
+    StudyWorld,
+    build_study_world,
+    make_recipe,
+    run_cvm,
+    start_study_stack,
+)
 
 runner = CliRunner()
 
@@ -104,7 +110,7 @@ def test_without_allow_simulated_only_the_quote_link_fails(runs):
 
 
 def test_another_simulated_root_is_refused(runs, tmp_path):
-    from cvm.sim_tdx import SimulatedTdx
+    from cvm.attest.simulated import SimulatedTdx
 
     other_root = SimulatedTdx.load_or_create(tmp_path).root_der
     report = runs.verify(runs.first, simulated_root_der=other_root)

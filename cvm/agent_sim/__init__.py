@@ -1,6 +1,6 @@
 """SIMULATED dstack guest agent: boots like a CVM on the simulated TDX platform and serves dstack's
 agent API (dstack-sdk 0.5.4 compatible) on a Unix socket. Everything it returns is labelled simulated,
-and every quote it makes is a SIMULATED quote (:mod:`cvm.sim_tdx`).
+and every quote it makes is a SIMULATED quote (:mod:`cvm.attest.simulated`).
 
 Errors: :class:`AgentSimError` → :class:`AppKeyNotReady`, :class:`AppKeyGrantRejected`; caller
 mistakes are ValueError/TypeError.

@@ -2,7 +2,7 @@
 
 Transport-free: :mod:`cvm.agent_sim.server` puts these operations on dstack's HTTP API.
 
-Boot (dstack ``system_setup.rs``, reference/dstack.md §1): measure ``system-preparing``, ``app-id``,
+Boot (dstack ``system_setup.rs``; docs/design.md, "dstack formats"): measure ``system-preparing``, ``app-id``,
 ``compose-hash`` (sha256 of the exact app-compose bytes), ``instance-id``
 (``sha256(seed ‖ app_id)[:20]``), ``boot-mr-done``, ``os-image-hash``, ``key-provider``
 (``{"name":"kms","id":"<hex KMS root pubkey>"}``) and ``system-ready`` into the simulated RTMR3;
@@ -22,17 +22,24 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cvm.agent_sim import keys
-from cvm.attestation import compute_mr_aggregated
-from cvm.eventlog import RTMR3_INDEX, RuntimeEvent, event_log_json, extend_rtmr, replay_event_log, replay_rtmr
-from cvm.sim_tdx import (
+from cvm.attest.eventlog import (
+    RTMR3_INDEX,
+    RuntimeEvent,
+    event_log_json,
+    extend_rtmr,
+    replay_event_log,
+    replay_rtmr,
+)
+from cvm.attest.simulated import (
     SIMULATED_BOOT_EVENTS,
     SIMULATED_DEVICE_ID,
     SIMULATED_OS_IMAGE_HASH,
     SimulatedTdx,
     mr_config_id_v1,
 )
-from cvm.tdx_quote import parse_quote_unverified
-from kms.keys import app_key_issued_digest
+from cvm.attest.tdx_quote import parse_quote_unverified
+from cvm.attest.verify import compute_mr_aggregated
+from kms_client.messages import app_key_issued_digest
 
 __all__ = [
     "AgentSimError",

@@ -1,6 +1,6 @@
 """Key derivation and signatures of dstack's guest agent (``guest-agent/src/rpc_service.rs``, 0.5.x).
 
-Exact bytes, as dstack does them (reference/dstack.md §4, §6):
+Exact bytes, as dstack does them (docs/design.md, "dstack formats"):
 
 - GetKey: ``key = HKDF-SHA256(salt="RATLS", ikm=app k256 key, info=path, 32)`` for secp256k1 and
   ed25519 alike (the algorithm does not separate keys);
@@ -18,7 +18,10 @@ import hashlib
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from eth_keys import keys
 from eth_keys.exceptions import BadSignature, ValidationError

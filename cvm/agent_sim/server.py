@@ -1,6 +1,6 @@
 """dstack's guest-agent HTTP API over a Unix socket (and optionally loopback TCP), served by uvicorn.
 
-Routes (reference/dstack.md §4): ``POST /<Method>`` with a JSON body, ``GET /<Method>?<query>``, and
+Routes (docs/design.md, "dstack formats"): ``POST /<Method>`` with a JSON body, ``GET /<Method>?<query>``, and
 the pRPC aliases ``/prpc/<Method>`` and ``/prpc/DstackGuest.<Method>``, for GetKey, GetQuote, Info,
 EmitEvent, Sign, Verify and Version. Errors answer ``{"error": "..."}``: 400 for a bad request, 404 for
 an unknown method, 503 while the app key has not been obtained.

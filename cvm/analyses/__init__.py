@@ -17,8 +17,22 @@ Exceptions::
     TypeError                     caller mistakes (wrong argument types)
 """
 
-from cvm.analyses.cohorts import FEATURE_BOUNDS, FEATURES, GROUND_TRUTH, OUTCOME, SITE_SIZES, generate_cohorts, generate_site, write_parquet
-from cvm.analyses.errors import AnalysisError, BudgetTooSmall, MissingBounds, OutputRefused
+from cvm.analyses.cohorts import (
+    FEATURE_BOUNDS,
+    FEATURES,
+    GROUND_TRUTH,
+    OUTCOME,
+    SITE_SIZES,
+    generate_cohorts,
+    generate_site,
+    write_parquet,
+)
+from cvm.analyses.errors import (
+    AnalysisError,
+    BudgetTooSmall,
+    MissingBounds,
+    OutputRefused,
+)
 from cvm.analyses.gate import OutputGate
 from cvm.analyses.loss import PrivacyLoss
 from cvm.analyses.stats import (

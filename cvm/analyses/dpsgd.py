@@ -9,7 +9,7 @@ Spec: DESIGN.md §6 step 5 (DP-SGD model training with Opacus); DP-SGD as in Aba
 Privacy unit: one patient = one row. Features are standardised with the manifest's public bounds
 (clip to [low, high], map to [-1, 1]) — never with statistics of the data, which would need their own budget.
 
-Randomness (STYLE: noise only from Opacus, no seeds in production):
+Randomness (house rule: noise only from Opacus, no seeds in production):
 
 - production, torchcsprng importable: Opacus ``secure_mode=True`` (CSPRNG for sampling and noise, and
   noise robust to floating-point attacks).

@@ -32,7 +32,14 @@ A refused update is not an exception: it is a ``Rejection`` in the record.
 """
 
 from cvm.federated.accountant import AccountantState, epsilon_spent
-from cvm.federated.dp import DPStrategy, GaussianNoise, NoisyAggregate, OpacusGaussian, OpenDPGaussian, noise_source
+from cvm.federated.dp import (
+    DPStrategy,
+    GaussianNoise,
+    NoisyAggregate,
+    OpacusGaussian,
+    OpenDPGaussian,
+    noise_source,
+)
 from cvm.federated.errors import (
     DPNotSupported,
     FederatedError,
@@ -65,7 +72,13 @@ from cvm.federated.strategies import (
     trimmed_mean_strategy,
 )
 from cvm.federated.updates import SignedUpdate, clip, sign_update
-from cvm.federated.validation import AcceptedUpdate, Reason, Rejection, Validation, validate_updates
+from cvm.federated.validation import (
+    AcceptedUpdate,
+    Reason,
+    Rejection,
+    Validation,
+    validate_updates,
+)
 from cvm.federated.vectors import digest as vector_digest
 
 __all__ = [

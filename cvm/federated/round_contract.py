@@ -34,7 +34,15 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from eth_utils import is_checksum_address, to_checksum_address
-from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 ROUND_CONTRACT_FORMAT = "sealroom-fed-round/v1"
 AGGREGATORS = ("fedavg", "coordinate_median", "trimmed_mean")

@@ -29,8 +29,17 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from cvm.federated import vectors
-from cvm.federated.round_contract import RoundContract, check_hex_digest, checksum_address
-from cvm.federated.updates import SIGNATURE_LENGTH, SignedUpdate, recover_signer, update_message_hash
+from cvm.federated.round_contract import (
+    RoundContract,
+    check_hex_digest,
+    checksum_address,
+)
+from cvm.federated.updates import (
+    SIGNATURE_LENGTH,
+    SignedUpdate,
+    recover_signer,
+    update_message_hash,
+)
 
 # Relative slack on the norm bound: covers a site's float32 clipping (≤ 6e-8 relative) and the aggregator's
 # float64 norm (≤ 5e-7 relative). The DP sensitivity uses the bound with this slack, twice (``norm_bound``).

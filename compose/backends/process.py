@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
-from sealing_cli.processes import ManagedProcess, ServiceStartError
+from compose.backends.launcher import ManagedProcess, ServiceStartError
 
 __all__ = [
     "RunState",
@@ -87,7 +87,7 @@ RESULT_FILE = "attestation.json"
 SANDBOX_UID = 65534                   # "nobody": the run owns nothing outside its work folder
 # The only variables the study sees; the backend sets the last four for each run.
 _PASSED_ENV = ("PATH", "LANG", "LC_ALL", "HOME", "DSTACK_SIMULATOR_ENDPOINT", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE")
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 class BackendError(Exception):
@@ -139,7 +139,7 @@ def boot_simulated_agent(app_compose: Path, *, app_id: str, kms_url: str, socket
 
     The agent (``python -m cvm.agent_sim``) measures app-id, compose-hash, instance-id and key-provider into the
     simulated RTMR3 and obtains the app key from the KMS by attestation (DESIGN.md §5); a KMS refusal makes it
-    exit, raising :class:`~sealing_cli.processes.ServiceStartError` with the agent's ``error:`` line.
+    exit, raising :class:`~compose.backends.launcher.ServiceStartError` with the agent's ``error:`` line.
     """
     socket_path.unlink(missing_ok=True)
 

@@ -1,7 +1,7 @@
 """Intel TDX DCAP quote layout (v4, and v5 for TD report 1.0/1.5 bodies): parse and build.
 
 Low-level module: it reads and writes bytes and verifies nothing. Verification lives in
-:mod:`cvm.attestation`; the parser's name says ``unverified`` accordingly.
+:mod:`cvm.attest.verify`; the parser's name says ``unverified`` accordingly.
 
 Layout (Intel TDX DCAP Quoting Library API, appendix "Quote Format"; all integers little-endian)::
 
@@ -26,7 +26,7 @@ the signature data are tolerated and counted (``trailing_zero_padding``); any no
 is refused. Everything else must fit exactly.
 
 Errors: :class:`QuoteFormatError`, under :class:`AttestationError` (the root of the attestation
-error tree drawn in :mod:`cvm.attestation`; it lives here because this is the lowest layer).
+error tree drawn in :mod:`cvm.attest.verify`; it lives here because this is the lowest layer).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ _V5_BODY_TYPES = {2: TD_REPORT10_SIZE, 3: TD_REPORT15_SIZE}
 
 
 class AttestationError(Exception):
-    """Root of the attestation error tree (drawn in :mod:`cvm.attestation`)."""
+    """Root of the attestation error tree (drawn in :mod:`cvm.attest.verify`)."""
 
 
 class QuoteFormatError(AttestationError):

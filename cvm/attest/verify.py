@@ -5,7 +5,7 @@
   claims carry dcap-qvl's TCB status and advisories.
 - Either way the PCK chain must be canonical PEM: its bytes are not signed, so no other spelling
   of the same certificates is accepted (a real quote's trailing zero padding is tolerated).
-- Simulated quotes (chain ending at a "Sealroom SIMULATED TDX Root CA", see :mod:`cvm.sim_tdx`)
+- Simulated quotes (chain ending at a "Sealroom SIMULATED TDX Root CA", see :mod:`cvm.attest.simulated`)
   are refused unless ``allow_simulated=True`` and their root is the pinned ``simulated_root_der``;
   then every signature is checked here (chain, QE report by PCK, attestation-key binding, quote)
   and the claims say ``simulated=True``.
@@ -16,8 +16,8 @@ are *claims*, not refusals — ``QuoteClaims.tcb_status`` carries them and the K
 (dstack's ``requireTcbUpToDate``). ``Revoked`` is refused. Anything dcap-qvl itself raises (stale
 or expired collateral, a platform below every TCB level Intel lists, a bad signature) is a refusal.
 
-``verify_attestation`` adds the event log (RTMR3 replay, :mod:`cvm.eventlog`), the report_data
-check and dstack's BootInfo values (reference/dstack.md §2; dstack ``decode_app_info``).
+``verify_attestation`` adds the event log (RTMR3 replay, :mod:`cvm.attest.eventlog`), the report_data
+check and dstack's BootInfo values (docs/design.md, "dstack formats"; dstack ``decode_app_info``).
 
 Errors (every failure is an :class:`AttestationError`; caller mistakes are TypeError/ValueError)::
 
@@ -47,9 +47,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from cvm.eventlog import BootEvents, EventLogMismatch, replay_event_log
-from cvm.sim_tdx import SIMULATED_DEVICE_ID, SIMULATED_ROOT_CN
-from cvm.tdx_quote import (
+from cvm.attest.eventlog import BootEvents, EventLogMismatch, replay_event_log
+from cvm.attest.simulated import SIMULATED_DEVICE_ID, SIMULATED_ROOT_CN
+from cvm.attest.tdx_quote import (
     AttestationError,
     QuoteFormatError,
     TdxQuote,
@@ -367,7 +367,7 @@ def _is_simulated_chain(chain: list[x509.Certificate], simulated_root_der: bytes
 def _verify_simulated(
     quote: TdxQuote, chain: list[x509.Certificate], simulated_root_der: bytes, now: int
 ) -> QuoteClaims:
-    # Simulated quotes come from cvm.sim_tdx, never from a fixed-size hardware buffer.
+    # Simulated quotes come from cvm.attest.simulated, never from a fixed-size hardware buffer.
     if quote.trailing_zero_padding:
         raise QuoteFormatError("a simulated quote carries no padding after its signature data")
     if not _same_der(chain[-1], simulated_root_der):

@@ -1,10 +1,10 @@
-"""The sealroom.sealed/v1 file layout and its signed envelope (DESIGN.md §4). Low level: use ``_sealed_file``.
+"""The sealroom.sealed/v1 file layout and its signed envelope (DESIGN.md §4). Low level: use ``cvm.sealed.dataset``.
 
 Layout — one file, parsed front to back, nothing may follow the tail::
 
     b"sealroom.sealed/v1\\n"          magic line: format name and version (like age-encryption.org/v1)
     u32_be(H) ‖ head JSON (H bytes)    header fields + wrapped data key, written before the payload
-    payload                            chunk_count AES-256-GCM chunks (``_stream``), of a length fixed
+    payload                            chunk_count AES-256-GCM chunks (``cvm.sealed.stream``), of a length fixed
                                        by the header: plaintext_bytes + 16 · chunk_count
     u32_be(T) ‖ tail JSON (T bytes)    rows, ciphertext_sha256, signature: known only after encryption
 
@@ -43,10 +43,14 @@ from eth_keys.constants import SECPK1_N
 from eth_keys.exceptions import BadSignature
 from eth_utils import keccak, to_checksum_address
 
-from ._keywrap import DATA_KEY_BYTES, WRAP_NONCE_BYTES, WrappedKey
-from ._sealed_errors import EnvelopeSignatureInvalid, MalformedSealedFile, UnsupportedFormatVersion
-from ._source import SchemaField, SourceFormat
-from ._stream import TAG_BYTES, chunk_count, payload_length
+from .errors import (
+    EnvelopeSignatureInvalid,
+    MalformedSealedFile,
+    UnsupportedFormatVersion,
+)
+from .keywrap import DATA_KEY_BYTES, WRAP_NONCE_BYTES, WrappedKey
+from .source import SchemaField, SourceFormat
+from .stream import TAG_BYTES, chunk_count, payload_length
 
 FORMAT_VERSION = 1
 _MAGIC_PREFIX = b"sealroom.sealed/v"
@@ -114,7 +118,7 @@ class EnvelopeHeader:
 class Envelope:
     """The public, owner-signed description of a sealed file (module docstring).
 
-    rows: data rows of the input (``_source``); ciphertext_sha256: of the payload as stored;
+    rows: data rows of the input (``cvm.sealed.source``); ciphertext_sha256: of the payload as stored;
     signature: 65 bytes r ‖ s ‖ v by ``header.owner``.
     """
 

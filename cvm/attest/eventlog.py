@@ -1,6 +1,6 @@
 """dstack runtime events: the RTMR3 digest, its replay, and dstack's event-log JSON.
 
-Spec (reference/dstack.md §1, dstack ``cc-eventlog/src/runtime_events.rs`` and
+Spec (docs/design.md, "dstack formats"; dstack ``cc-eventlog/src/runtime_events.rs`` and
 ``dstack-util/src/system_setup.rs``):
 
 - a runtime event extends RTMR3 with ``sha384(u32_le(0x08000001) ‖ ":" ‖ name ‖ ":" ‖ payload)``
@@ -15,7 +15,7 @@ Spec (reference/dstack.md §1, dstack ``cc-eventlog/src/runtime_events.rs`` and
 ``replay_event_log`` is the only way to get boot values out of a log: it recomputes every RTMR3
 digest from its (name, payload), replays, compares with the quote's RTMR3 in constant time, and
 returns values read from the replayed events only. It raises :class:`EventLogMismatch`, which
-sits in the attestation error tree (see :mod:`cvm.attestation`).
+sits in the attestation error tree (see :mod:`cvm.attest.verify`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cvm.tdx_quote import AttestationError
+from cvm.attest.tdx_quote import AttestationError
 
 __all__ = [
     "BOOT_DONE_EVENT",

@@ -25,7 +25,7 @@ Where a link needs a value that an earlier link failed to prove (the recipe when
 RTMR3 when the quote does not verify), it uses the receipt's unproven claim and says so in its facts: the report
 then shows whether everything else holds. The chain is read through the caller's connection and nothing in the
 receipt is trusted because the receipt says so; what the auditor pins is the simulated root (for SIMULATED
-quotes), Intel's root (in :mod:`cvm.attestation`) and the KMS root address. The block the run saw is signed in the
+quotes), Intel's root (in :mod:`cvm.attest.verify`) and the KMS root address. The block the run saw is signed in the
 envelope (``envelope.block``); ``chain.block`` must repeat it, and the chain bounds it too (not before the release,
 not after the head).
 
@@ -58,21 +58,46 @@ from eth_utils import is_address, to_checksum_address
 from rich.markup import escape
 from web3.exceptions import Web3Exception
 
-from compose.app_compose import InvalidAppCompose, compose_hash, manifest_from_app_compose, normalized_json_bytes
+from compose.app_compose import (
+    InvalidAppCompose,
+    compose_hash,
+    manifest_from_app_compose,
+    normalized_json_bytes,
+)
 from compose.manifest import StudyManifest
-from contracts.chain import EPSILON_SCALE, Chain, ChainError, ChainUnreachable, DstackApp, DstackKms, to_micro_epsilon
-from cvm.attestation import (
+from contracts.chain import (
+    EPSILON_SCALE,
+    Chain,
+    ChainError,
+    ChainUnreachable,
+    DstackApp,
+    DstackKms,
+    to_micro_epsilon,
+)
+from cvm.attest.eventlog import (
+    RTMR3_INDEX,
+    BootEvents,
+    parse_event_log,
+    replay_event_log,
+    replay_rtmr,
+)
+from cvm.attest.tdx_quote import TdxQuote, parse_quote_unverified
+from cvm.attest.verify import (
     AttestationError,
     QuoteClaims,
     SimulatedQuoteNotAllowed,
     verify_attestation,
     verify_quote,
 )
-from cvm.eventlog import RTMR3_INDEX, BootEvents, parse_event_log, replay_event_log, replay_rtmr
-from cvm.receipt import ATTESTATION_FORMAT, RESULT_FORMAT, SIGN_ALGORITHM, SIGN_PURPOSE, envelope_digest
-from cvm.tdx_quote import TdxQuote, parse_quote_unverified
-from cvm.unwrap import INPUTS_EVENT
-from kms_client.verify import SignatureChainMismatch, recover_signature_chain
+from cvm.labels import INPUTS_EVENT
+from cvm.receipt import (
+    ATTESTATION_FORMAT,
+    RESULT_FORMAT,
+    SIGN_ALGORITHM,
+    SIGN_PURPOSE,
+    envelope_digest,
+)
+from kms_client.signature_chain import SignatureChainMismatch, recover_signature_chain
 
 __all__ = [
     "LINKS",

@@ -1,4 +1,4 @@
-"""Raw chunked AES-256-GCM for the sealed payload (DESIGN.md §4). Low level: use ``_sealed_file``.
+"""Raw chunked AES-256-GCM for the sealed payload (DESIGN.md §4). Low level: use ``cvm.sealed.dataset``.
 
 The payload is the plaintext cut into ``chunk_size`` pieces (the last one may be shorter; an empty
 plaintext is one empty chunk), each stored as ``AES-256-GCM(data_key, nonce_i, chunk_i, aad)`` =
@@ -27,7 +27,7 @@ from typing import BinaryIO
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ._sealed_errors import DecryptionFailed, InputChangedWhileSealing
+from .errors import DecryptionFailed, InputChangedWhileSealing
 
 TAG_BYTES = 16
 _FINAL_CHUNK_FLAG = 1

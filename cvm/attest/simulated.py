@@ -1,8 +1,8 @@
 """SIMULATED TDX platform: the one thing this machine lacks is TDX hardware.
 
-Quotes made here use the real v4 layout (:mod:`cvm.tdx_quote`) and a real signature structure, but
+Quotes made here use the real v4 layout (:mod:`cvm.attest.tdx_quote`) and a real signature structure, but
 every key is a simulation key generated on this machine, and the chain ends at a self-signed
-"Sealroom SIMULATED TDX Root CA", never at Intel's root. :func:`cvm.attestation.verify_quote`
+"Sealroom SIMULATED TDX Root CA", never at Intel's root. :func:`cvm.attest.verify.verify_quote`
 refuses them unless the caller opts in to simulation and pins this root.
 
 What is simulated and how (so nothing is mistaken for a measurement of real hardware):
@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from cvm.eventlog import RuntimeEvent, replay_rtmr
-from cvm.tdx_quote import (
+from cvm.attest.eventlog import RuntimeEvent, replay_rtmr
+from cvm.attest.tdx_quote import (
     ATTESTATION_KEY_TYPE_ECDSA_P256,
     TEE_TYPE_TDX,
     QuoteHeader,

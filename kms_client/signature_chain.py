@@ -7,7 +7,7 @@ Everything here is verify-or-raise; nothing talks to the network.
   ``keccak256(b"sealroom-owner-seal-pubkey/v1:" ‖ app_id ‖ compose_hash ‖ owner ‖ u64_be(timestamp)
   ‖ pubkey)`` (``kms.keys.owner_seal_pubkey_digest``); :func:`verify_owner_seal_pubkey` checks signer and
   freshness.
-* Signature chains (shared/reference/dstack.md §4 and §6, "Signature chain"; dstack's
+* Signature chains (docs/design.md, "dstack formats": "Guest agent" and "Signature chain"; dstack's
   ``guest-agent/src/rpc_service.rs``): a ``Sign`` result carries ``signature``, ``public_key`` (pK2) and
   ``signature_chain = [signature, app-key signature, KMS signature]``; a ``GetKey`` result carries the key
   and the last two. The message signature is checked against pK2 as dstack's agent makes it: secp256k1 is
@@ -42,13 +42,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 from eth_keys import keys as eth_keys
 from eth_keys.exceptions import BadSignature
 from eth_keys.exceptions import ValidationError as EthKeysValidationError
 from eth_utils import keccak, to_checksum_address
 
-from kms.keys import app_key_issued_digest, k256_public_key_compressed, owner_seal_pubkey_digest
+from kms_client.messages import (
+    app_key_issued_digest,
+    k256_public_key_compressed,
+    owner_seal_pubkey_digest,
+)
 
 __all__ = [
     "MAX_CLOCK_SKEW_S",

@@ -1,4 +1,4 @@
-"""The exception tree of the sealed-dataset format (DESIGN.md §4), re-exported by ``_sealed_file``.
+"""The exception tree of the sealed-dataset format (DESIGN.md §4), re-exported by ``cvm.sealed.dataset``.
 
 ::
 
@@ -36,7 +36,7 @@ class SealedFileError(Exception):
 
 
 class MalformedSealedFile(SealedFileError):
-    """The bytes do not follow the sealroom.sealed/v1 layout (see ``_envelope``)."""
+    """The bytes do not follow the sealroom.sealed/v1 layout (see ``cvm.sealed.envelope``)."""
 
 
 class UnsupportedFormatVersion(SealedFileError):

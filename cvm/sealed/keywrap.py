@@ -1,4 +1,4 @@
-"""Raw wrap/unwrap of the data key to the owner sealing key (DESIGN.md §4). Low level: use ``_sealed_file``.
+"""Raw wrap/unwrap of the data key to the owner sealing key (DESIGN.md §4). Low level: use ``cvm.sealed.dataset``.
 
 Wrap, ECIES-style:
 
@@ -20,12 +20,15 @@ from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import (
+    X25519PrivateKey,
+    X25519PublicKey,
+)
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from ._sealed_errors import DecryptionFailed
+from .errors import DecryptionFailed
 
 WRAP_SALT = b"sealroom-wrap/v1"
 DATA_KEY_BYTES = 32

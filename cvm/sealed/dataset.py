@@ -9,10 +9,10 @@ Safe recipes — the only names this module exports:
 * ``open_sealed(path, owner_seal_private_key, …)`` — the CVM side: check signature and recipe binding,
   unwrap, and decrypt into memory only (``OpenedDataset.to_arrow()/.to_numpy()/.to_torch()``).
 
-The file layout, canonical JSON, digests and the exact bytes signed are documented in ``_envelope``;
-chunking and nonces in ``_stream``; the data-key wrap in ``_keywrap``. Those modules are the raw tier.
+The file layout, canonical JSON, digests and the exact bytes signed are documented in ``cvm.sealed.envelope``;
+chunking and nonces in ``cvm.sealed.stream``; the data-key wrap in ``cvm.sealed.keywrap``. Those modules are the raw tier.
 
-Errors (defined in ``_sealed_errors``)::
+Errors (defined in ``cvm.sealed.errors``)::
 
     SealedFileError
     ├── MalformedSealedFile          not well-formed sealroom.sealed/v1 (magic, lengths, JSON, fields,
@@ -38,11 +38,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import (
+    X25519PrivateKey,
+    X25519PublicKey,
+)
 from eth_keys import keys
 from eth_utils import is_checksum_address, is_hex_address
 
-from ._envelope import (
+from .envelope import (
     MAX_CHUNK_SIZE,
     Envelope,
     EnvelopeHeader,
@@ -52,8 +55,7 @@ from ._envelope import (
     sign_envelope,
     verify_envelope_signature,
 )
-from ._keywrap import DATA_KEY_BYTES, WRAP_NONCE_BYTES, WrapContext, unwrap_data_key, wrap_data_key
-from ._sealed_errors import (
+from .errors import (
     DecryptionFailed,
     EnvelopeSignatureInvalid,
     InputChangedWhileSealing,
@@ -62,8 +64,15 @@ from ._sealed_errors import (
     SealedForAnotherRecipe,
     UnsupportedFormatVersion,
 )
-from ._source import inspect_source
-from ._stream import chunk_count, decrypt_stream, encrypt_stream
+from .keywrap import (
+    DATA_KEY_BYTES,
+    WRAP_NONCE_BYTES,
+    WrapContext,
+    unwrap_data_key,
+    wrap_data_key,
+)
+from .source import inspect_source
+from .stream import chunk_count, decrypt_stream, encrypt_stream
 
 if TYPE_CHECKING:
     import numpy as np
@@ -290,8 +299,8 @@ class OpenedDataset:
         return pcsv.read_csv(data, convert_options=include)
 
     def to_numpy(self, columns: Sequence[str] | None = None) -> np.ndarray:
-        """The numeric ``columns`` (all by default) as one rows × columns array (see ``_tabular``)."""
-        from ._tabular import table_to_numpy
+        """The numeric ``columns`` (all by default) as one rows × columns array (see ``cvm.sealed.tabular``)."""
+        from .tabular import table_to_numpy
 
         return table_to_numpy(self.to_arrow(columns))
 

@@ -1,0 +1,5 @@
+import sys
+
+from compose.backends.process import main
+
+sys.exit(main())

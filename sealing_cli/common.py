@@ -1,0 +1,109 @@
+"""What every `seal` command shares: the documented exit codes, the one-line `error:` / `hint:` output, and the
+loaders for the stack description, the chain and the acting owner's key. The command modules import this; it
+imports none of them.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Iterator, NoReturn, Optional
+
+import typer
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from rich.console import Console
+from rich.markup import escape
+
+from compose.stack_file import StackDescription, StackError, read_keystore
+from contracts.chain import Chain, ChainError, ChainUnreachable, DstackApp
+
+EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_KEY = 1, 2, 3, 4
+
+# `seal site …` defaults, here so that the site's logic (which imports torch) and its commands share them.
+DEFAULT_GATE_TOLERANCE = 0.02   # log-loss (nats) the local update may add on local validation
+DEFAULT_ACCEPT_TOLERANCE = 0.01  # AUC the global candidate may lose against the champion
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def fail(message: str, code: int, hint: str | None = None) -> NoReturn:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    if hint:
+        err.print(f"[bold]hint:[/] {escape(hint)}", highlight=False)
+    raise typer.Exit(code)
+
+
+StateDir = Annotated[Optional[Path], typer.Option("--state-dir", help="Stack state folder (default: $SEALROOM_HOME or ./.sealroom)")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+OwnerOpt = Annotated[Optional[str], typer.Option("--owner", help="A dev owner of the local stack, by name or address")]
+KeystoreOpt = Annotated[Optional[Path], typer.Option("--keystore", help="An encrypted eth-account keystore (password from SEAL_KEYSTORE_PASSWORD)")]
+ComposeHashOpt = Annotated[str, typer.Option("--compose-hash", help="The compose hash (0x + 64 hex digits)")]
+
+
+def load_stack(state_dir: Path | None) -> StackDescription:
+    try:
+        return StackDescription.load(state_dir)
+    except StackError as exc:
+        fail(str(exc), EXIT_UNREACHABLE, "run `seal up` in another terminal, or pass --state-dir")
+
+
+@contextmanager
+def open_chain(stack: StackDescription) -> Iterator[Chain]:
+    try:
+        chain = Chain(stack.rpc_url)
+    except ChainUnreachable as exc:
+        fail(str(exc), EXIT_UNREACHABLE, "is `seal up` still running?")
+    with chain:
+        yield chain
+
+
+@contextmanager
+def open_app(stack: StackDescription) -> Iterator[DstackApp]:
+    with open_chain(stack) as chain:
+        yield DstackApp(chain, stack.dstack_app)
+
+
+def parse_compose_hash(value: str) -> bytes:
+    raw = value.removeprefix("0x")
+    if len(raw) != 64:
+        fail(f"a compose hash is 32 bytes (64 hex digits), got {len(raw)} digits", EXIT_USAGE)
+    try:
+        return bytes.fromhex(raw)
+    except ValueError:
+        fail(f"compose hash is not hex: {value!r}", EXIT_USAGE)
+
+
+def load_signer(stack: StackDescription | None, owner: str | None, keystore: Path | None) -> LocalAccount:
+    """The acting owner's key: --keystore, then --owner (dev stack), then SEAL_OWNER_KEY."""
+    chosen = [x for x in (owner, keystore) if x is not None]
+    if len(chosen) > 1:
+        fail("give either --owner or --keystore, not both", EXIT_USAGE)
+    try:
+        if keystore is not None:
+            password = os.environ.get("SEAL_KEYSTORE_PASSWORD")
+            if password is None:
+                password = typer.prompt("keystore password", hide_input=True)
+            return read_keystore(keystore, password)
+        if owner is not None:
+            if stack is None:
+                fail("--owner names a dev owner of the local stack, and no stack is running", EXIT_UNREACHABLE)
+            entry = stack.owner(owner)
+            return read_keystore(entry.keystore, stack.dev_keystore_password)
+        if key := os.environ.get("SEAL_OWNER_KEY"):
+            return Account.from_key(key)
+    except StackError as exc:
+        fail(str(exc), EXIT_KEY)
+    except (OSError, ValueError) as exc:
+        # eth-account raises ValueError("MAC mismatch") for a wrong password; never echo key material.
+        fail(f"could not load the owner key: {type(exc).__name__}: {exc}", EXIT_KEY,
+             "check the keystore path and SEAL_KEYSTORE_PASSWORD")
+    fail("no owner key given", EXIT_KEY, "use --owner NAME (local stack), --keystore PATH, or set SEAL_OWNER_KEY")
+
+
+def chain_refused(exc: ChainError) -> NoReturn:
+    if isinstance(exc, ChainUnreachable):
+        fail(str(exc), EXIT_UNREACHABLE, "is `seal up` still running?")
+    fail(str(exc), EXIT_REFUSED)
