@@ -15,6 +15,9 @@ Errors::
     └── InvalidAppCompose(reason) bytes that are not a Sealroom app-compose.json with a valid manifest
 
 Caller mistakes (bad YAML handed to the builder, wrong argument types) raise ``ValueError``/``TypeError``.
+JSON and YAML are parsed through ``compose.safe_parse``: nested deeper than 64 levels, they are refused before a
+recursive parser sees them (``InvalidAppCompose`` when reading; ``safe_parse.TooDeeplyNested``, a ``ValueError``,
+from the builder).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from compose import safe_parse
 from compose.manifest import StudyManifest
 
 __all__ = [
@@ -138,7 +142,9 @@ def build_app_compose(
     if not isinstance(manifest, StudyManifest):
         raise TypeError("manifest must be a StudyManifest")
     try:
-        document = yaml.safe_load(docker_compose_yaml)
+        document = safe_parse.load_yaml(docker_compose_yaml)
+    except safe_parse.TooDeeplyNested:
+        raise  # a ValueError too, told apart so that a service can answer it as a refused size, not a typo
     except yaml.YAMLError as exc:
         raise ValueError(f"docker_compose_yaml is not valid YAML: {exc}") from exc
     if not isinstance(document, dict) or not isinstance(document.get("services"), dict) or not document["services"]:
@@ -171,8 +177,8 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _strict_json(text: str, what: str) -> Any:
     try:
-        return json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
-    except json.JSONDecodeError as exc:
+        return safe_parse.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+    except ValueError as exc:  # JSONDecodeError (JsonTooDeep is one), or an int of more than 4300 digits
         raise InvalidAppCompose(f"{what} is not valid JSON: {exc}") from exc
 
 
@@ -214,8 +220,9 @@ def manifest_from_app_compose(app_compose_bytes: bytes) -> StudyManifest:
     if not isinstance(yaml_text, str):
         raise InvalidAppCompose("docker_compose_file must be a string")
     try:
-        document = yaml.safe_load(yaml_text)
-    except yaml.YAMLError as exc:
+        document = safe_parse.load_yaml(yaml_text)
+    except (yaml.YAMLError, ValueError) as exc:  # YamlTooDeep is one; ValueError: a scalar PyYAML cannot
+        # construct (an int of more than 4300 digits, a timestamp such as 2001-13-45, "!!int x")
         raise InvalidAppCompose(f"docker_compose_file is not valid YAML: {exc}") from exc
 
     configs = document.get("configs") if isinstance(document, dict) else None
@@ -234,6 +241,10 @@ def manifest_from_app_compose(app_compose_bytes: bytes) -> StudyManifest:
             f"{'.'.join(str(part) for part in error['loc']) or 'manifest'}: {error['msg']}" for error in exc.errors()
         )
         raise InvalidAppCompose(f"invalid study manifest: {problems}") from exc
-    if _manifest_text(manifest) != content:
+    try:
+        normalised = _manifest_text(manifest)
+    except UnicodeEncodeError:  # a string with a lone surrogate (a \ud800 escape): UTF-8 cannot hold it
+        raise InvalidAppCompose("the study manifest holds text that is not valid Unicode") from None
+    if normalised != content:
         raise InvalidAppCompose("the study manifest is not in normalised JSON form")
     return manifest

@@ -1,7 +1,11 @@
 """The stack description, ``stack.json`` in the state folder: where later commands and the analysts' API find the
 chain, the contracts, the services and the dev owners' keystores. It holds addresses and paths, never keys.
 
-`sealing_cli.stack.LocalStack` writes it; the API (`compose.api`) and the `seal` commands read it.
+`sealing_cli.stack.LocalStack` writes it; the API (`compose.api`) and the `seal` commands read it. It exists while a
+stack runs: a `stack.json` whose ``supervisor_pid`` is gone was left by a crash (`running_supervisor` tells them apart).
+
+``deployment.json`` (`StackDeployment`) is the other file here: what the folder's stack deployed once — the chain
+id, the contracts, the dev accounts — and reuses on every later start. It outlives the stack; it too never holds keys.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 STACK_FILE = "stack.json"
+DEPLOYMENT_FILE = "deployment.json"
+DEPLOYMENT_FORMAT = "sealroom-local-deployment/v1"
 # The dev owners' keystores are encrypted, but with this published password: they hold throwaway keys for a
 # throwaway local chain. Real owners use their own keystore and SEAL_KEYSTORE_PASSWORD (or SEAL_OWNER_KEY).
 DEV_KEYSTORE_PASSWORD = "sealroom-dev-only"
@@ -22,6 +28,12 @@ DEV_KEYSTORE_PASSWORD = "sealroom-dev-only"
 
 class StackError(RuntimeError):
     """The local stack is not running, or its description is unreadable."""
+
+
+class StackRefused(StackError):
+    """The state folder cannot be used as asked (another stack runs there, the KMS root store has no passphrase,
+    the flags contradict what the folder's stack deployed, the folder holds someone else's files). Nothing in the
+    folder was changed."""
 
 
 def default_state_dir() -> Path:
@@ -77,6 +89,77 @@ class StackDescription:
                 return entry
         names = ", ".join(o.name for o in self.owners)
         raise StackError(f"no dev owner named {name_or_address!r} in the local stack (owners: {names})")
+
+
+@dataclass
+class StackDeployment:
+    """What a state folder's stack deployed on its first start and reuses on every later one (``deployment.json``).
+
+    Keystore paths are relative to the state folder, so the folder may move. ``last_urls`` are the services' URLs at
+    the last start; a restart takes the same ports when they are free, so URLs proposed on-chain keep working."""
+
+    chain_id: int
+    dstack_kms: str
+    dstack_app: str
+    threshold: int
+    epsilon_budget: float
+    owners: list[OwnerEntry]
+    kms_signer: str
+    kms_signer_keystore: str
+    api_proposer: str = ""
+    api_proposer_keystore: str = ""
+    last_urls: dict = field(default_factory=dict)
+    format: str = DEPLOYMENT_FORMAT
+
+    def save(self, state_dir: Path) -> Path:
+        path = state_dir / DEPLOYMENT_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, state_dir: Path) -> StackDeployment | None:
+        """The folder's deployment record, or None when its stack was never deployed."""
+        path = state_dir / DEPLOYMENT_FILE
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("format") != DEPLOYMENT_FORMAT:
+                raise ValueError(f"not a {DEPLOYMENT_FORMAT} file")
+            raw["owners"] = [OwnerEntry(**o) for o in raw["owners"]]
+            return cls(**raw)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise StackRefused(f"unreadable deployment record {path}: {exc}; it is left as it is") from None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def running_supervisor(state_dir: Path) -> int | None:
+    """The pid of the `seal up` (or other LocalStack owner) running a stack in ``state_dir``, or None when no
+    ``stack.json`` is there or the process it names is gone (a stale description left by a crash)."""
+    try:
+        pid = int(json.loads((state_dir / STACK_FILE).read_text()).get("supervisor_pid", 0))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise StackRefused(f"unreadable stack description {state_dir / STACK_FILE}: {exc}") from None
+    return pid if process_alive(pid) else None
 
 
 def write_keystore(account: LocalAccount, path: Path, password: str) -> None:

@@ -41,7 +41,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import keccak, to_checksum_address
 from eth_utils.abi import get_abi_output_types
 from web3 import HTTPProvider, Web3
-from web3.exceptions import ContractCustomError, ContractLogicError, Web3RPCError
+from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted, Web3RPCError
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 EPSILON_SCALE = 10**6
@@ -57,6 +57,10 @@ class ChainUnreachable(ChainError):
     def __init__(self, rpc_url: str, detail: str):
         super().__init__(f"chain unreachable at {rpc_url}: {detail}")
         self.rpc_url = rpc_url
+
+
+class TransactionRejected(ChainError):
+    """The node refused to take the transaction (for example: the sender cannot pay for gas), or never mined it."""
 
 
 class ContractReverted(ChainError):
@@ -231,6 +235,12 @@ class Chain:
             raise _decode_revert(artifact, exc.data, exc.message) from None
         except (requests.RequestException, OSError) as exc:
             raise ChainUnreachable(self.rpc_url, type(exc).__name__) from None
+        except Web3RPCError as exc:
+            detail = exc.rpc_response.get("error", {}).get("message") if isinstance(exc.rpc_response, dict) else None
+            raise TransactionRejected(f"the chain refused the transaction from {sender.address}: "
+                                      f"{detail or exc.message or exc}") from None
+        except TimeExhausted:
+            raise TransactionRejected(f"the transaction from {sender.address} was not mined within 30 s") from None
         if receipt["status"] != 1:
             raise ContractReverted("Revert", (), f"transaction {tx_hash.hex()} reverted")
         return receipt

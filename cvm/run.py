@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 from dstack_sdk import DstackClient
 
+from compose.safe_parse import restore_recursion_limit
 from contracts.chain import Chain, ChainError
 from cvm.analyses import (
     AnalysisError,
@@ -108,6 +109,7 @@ def run_study(sealed_files: Sequence[Path], *, dstack: DstackClient, kms: KmsCli
 
 
 def main(argv: list[str] | None = None) -> int:
+    restore_recursion_limit()  # eth_account's py_ecc raised it: deep input must fail, not overflow the stack
     parser = argparse.ArgumentParser(prog="python -m cvm.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sealed", type=Path, nargs="+", required=True)

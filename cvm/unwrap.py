@@ -9,34 +9,49 @@ In order, for the whole study (so a bad input costs no privacy budget):
 2. every sealed file: owner signature valid, sealed for this app and this compose hash
    (else `SealedForAnotherRecipe`), its owner an owner of the on-chain DstackApp and an input of the manifest
    (and its ciphertext the manifest's, where the manifest names one);
-3. one attested release from the KMS of the consenting owners' unwrap keys (it spends the study's ε on-chain);
-4. each file decrypted chunk by chunk into memory, never to disk;
-5. the ciphertext digests actually opened are measured into RTMR3 (`sealroom-inputs`), so every later quote —
+3. the manifest's analysis against its parameter schema, and the files' public schemas and row counts against
+   what that analysis reads (`compose.manifest.check_inputs_against_manifest`);
+4. every file's payload re-hashed against the ciphertext_sha256 its owner signed (streamed, no key), so a damaged
+   file is refused here and not after the spend;
+5. one attested release from the KMS of the consenting owners' unwrap keys (it spends the study's ε on-chain);
+6. each file decrypted chunk by chunk into memory, never to disk;
+7. the ciphertext digests actually opened are measured into RTMR3 (`sealroom-inputs`), so every later quote —
    the one in the result's receipt included — says exactly which data went in.
+
+Each file is opened once and read through the same descriptor from step 2 to step 6, so a file renamed over
+after its checks is not the one decrypted (and the digest is checked again while decrypting).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 from dstack_sdk import DstackClient
 from eth_utils import to_checksum_address
 
 from compose.app_compose import manifest_from_app_compose
-from compose.manifest import StudyManifest
+from compose.manifest import (
+    InputsDoNotFitManifest,
+    ManifestInvalid,
+    StudyManifest,
+    check_inputs_against_manifest,
+)
 from contracts.chain import Chain, DstackApp
 from cvm.attest.measured import MeasuredRecipeMismatch, measured_recipe
 from cvm.labels import INPUTS_EVENT
 from cvm.sealed import (
+    Envelope,
     OpenedDataset,
     SealedFileError,
     SealedForAnotherRecipe,
     open_sealed,
     read_envelope,
 )
+from cvm.sealed.dataset import verify_payload
 from kms_client.client import KmsClient, OwnerKeyRelease
 
 
@@ -62,12 +77,50 @@ def unwrap_datasets(sealed_files: Sequence[Path], *, dstack: DstackClient, kms: 
     except MeasuredRecipeMismatch as exc:
         raise UnwrapError(str(exc)) from None
     manifest = manifest_from_app_compose(app_compose)
-    owners_on_chain = set(DstackApp(chain, to_checksum_address(app_id)).owners())
-    by_owner = {item.owner: item for item in manifest.inputs}
-    chosen: dict[str, Path] = {}
-    for path in sealed_files:
+    with contextlib.ExitStack() as files:
+        chosen = _choose_inputs(sealed_files, files, manifest, app_id, compose_hash,
+                                set(DstackApp(chain, to_checksum_address(app_id)).owners()))
         try:
-            envelope = read_envelope(path)
+            check_inputs_against_manifest(manifest, [envelope for _path, _stream, envelope in chosen.values()])
+        except ManifestInvalid as exc:
+            raise UnwrapError(f"the study manifest cannot run: {exc}") from None
+        except InputsDoNotFitManifest as exc:
+            raise UnwrapError(f"the sealed inputs do not fit the study manifest: {exc}") from None
+        for path, stream, envelope in chosen.values():
+            try:
+                checked = verify_payload(stream)
+            except SealedFileError as exc:
+                raise UnwrapError(f"{path.name}: {exc}") from None
+            if checked.digest != envelope.digest:
+                raise UnwrapError(f"{path.name}: the file changed while it was being checked")
+
+        def attest(report_data: bytes) -> tuple[bytes, str]:
+            quote = dstack.get_quote(report_data)
+            return bytes.fromhex(quote.quote), quote.event_log
+
+        release = kms.release_owner_keys(attest, app_compose)
+        datasets, digests = {}, {}
+        for item in manifest.inputs:
+            _path, stream, _envelope = chosen[item.name]
+            datasets[item.name] = open_sealed(stream, release.keys[item.owner], expected_app_id=app_id,
+                                              expected_compose_hash=compose_hash)
+            digests[item.name] = datasets[item.name].envelope.ciphertext_sha256.hex()
+    inputs_record = json.dumps(digests, sort_keys=True, separators=(",", ":")).encode()
+    dstack.emit_event(INPUTS_EVENT, inputs_record)
+    return StudyInputs(manifest=manifest, app_compose=app_compose, app_id=app_id, compose_hash=compose_hash,
+                       datasets=datasets, ciphertext_sha256=digests, release=release)
+
+
+def _choose_inputs(sealed_files: Sequence[Path], files: contextlib.ExitStack, manifest: StudyManifest, app_id: bytes,
+                   compose_hash: bytes, owners_on_chain: set[str]) -> dict[str, tuple[Path, BinaryIO, Envelope]]:
+    """Open each file (kept open in ``files``), check who signed it and for which recipe, and match it to its
+    manifest input: {input name: (path, open file, envelope)}."""
+    by_owner = {item.owner: item for item in manifest.inputs}
+    chosen: dict[str, tuple[Path, BinaryIO, Envelope]] = {}
+    for path in map(Path, sealed_files):
+        try:
+            stream = files.enter_context(open(path, "rb", buffering=0))
+            envelope = read_envelope(stream)
         except SealedFileError as exc:
             raise UnwrapError(f"{path.name}: {exc}") from None
         header = envelope.header
@@ -86,24 +139,8 @@ def unwrap_datasets(sealed_files: Sequence[Path], *, dstack: DstackClient, kms: 
             raise UnwrapError(f"{path.name} is not the ciphertext the manifest names for input {item.name!r}")
         if item.name in chosen:
             raise UnwrapError(f"two sealed files given for input {item.name!r}")
-        chosen[item.name] = path
+        chosen[item.name] = (path, stream, envelope)
     missing = sorted({item.name for item in manifest.inputs} - set(chosen))
     if missing:
         raise UnwrapError(f"no sealed file given for input(s): {', '.join(missing)}")
-
-    def attest(report_data: bytes) -> tuple[bytes, str]:
-        quote = dstack.get_quote(report_data)
-        return bytes.fromhex(quote.quote), quote.event_log
-
-    release = kms.release_owner_keys(attest, app_compose)
-    datasets, digests = {}, {}
-    for item in manifest.inputs:
-        path = chosen[item.name]
-        datasets[item.name] = open_sealed(path, release.keys[item.owner], expected_app_id=app_id,
-                                          expected_compose_hash=compose_hash)
-        digests[item.name] = datasets[item.name].envelope.ciphertext_sha256.hex()
-    inputs_record = json.dumps(digests, sort_keys=True, separators=(",", ":")).encode()
-    dstack.emit_event(INPUTS_EVENT, inputs_record)
-    return StudyInputs(manifest=manifest, app_compose=app_compose, app_id=app_id, compose_hash=compose_hash,
-                       datasets=datasets, ciphertext_sha256=digests, release=release)
-
+    return chosen

@@ -11,13 +11,16 @@ from pathlib import Path
 import uvicorn
 from eth_account import Account
 
+from compose.safe_parse import restore_recursion_limit
 from contracts.chain import Chain, ChainError, DstackKms
+from cvm.attest.os_image import OS_IMAGES_DIR, OsImageRegistry
 from kms.root_store import RootStoreError, load_or_create_root
 from kms.server import create_app
 from kms.service import KeyManagementService
 
 
 def main(argv: list[str] | None = None) -> None:
+    restore_recursion_limit()  # eth_account's py_ecc raised it: JSON nested deep must fail, not overflow the stack
     parser = argparse.ArgumentParser(prog="python -m kms", description=__doc__)
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--rpc-url", required=True)
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     service = KeyManagementService(
         root=root, chain=chain, registry=DstackKms(chain, args.dstack_kms), dev_mode=args.dev,
         simulated_root_der=args.simulated_root.read_bytes() if args.simulated_root else None, signer=signer,
+        os_images=OsImageRegistry(args.state_dir / OS_IMAGES_DIR),   # the OS images it serves (seal os register)
     )
     uvicorn.run(create_app(service), host="127.0.0.1", port=args.port, log_level="warning")
 

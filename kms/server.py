@@ -7,16 +7,35 @@ from SEALROOM_KMS_SIGNER_PASSWORD. Neither is ever logged.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from compose.http_limits import KIB, MIB, BodyLimit, guard
 from kms.service import KeyManagementService, Refused
 from kms_client import wire
+
+# Request bodies: an attestation carries a quote (~10 KB of hex), its event log, DCAP collateral (~20 KB) and
+# app-compose.json; the other methods take a few addresses at most. Over the cap: 413; nested deeper than
+# compose.safe_parse.MAX_NESTING: 400. Both answered as a `bad_request` refusal, before any JSON is decoded.
+ATTESTED_BODY_BYTES = 1 * MIB
+SMALL_BODY_BYTES = 16 * KIB
+_ATTESTED_METHODS = frozenset({"/prpc/GetAppKey", "/prpc/ReleaseOwnerKeys", "/prpc/RecordRoundSpend"})
+
+
+def _body_limit(_method: str, path: str) -> BodyLimit:
+    return BodyLimit(ATTESTED_BODY_BYTES if path in _ATTESTED_METHODS else SMALL_BODY_BYTES)
+
+
+def _bad_request(_status: int, message: str) -> dict[str, Any]:
+    return wire.Refusal(error=message, reason="bad_request").model_dump()
 
 
 def create_app(service: KeyManagementService) -> FastAPI:
     app = FastAPI(title="Sealroom KMS", version="1",
                   description="Releases keys only to attested CVMs whose recipe the chain allows.")
+    guard(app, _body_limit, error_body=_bad_request)
 
     @app.exception_handler(Refused)
     async def refused(_request: Request, exc: Refused) -> JSONResponse:

@@ -7,7 +7,10 @@ What the KMS trusts, and in what order (DESIGN §3):
 2. a quote that verifies — real (dcap-qvl + collateral) or, only in dev mode, SIMULATED — whose report_data binds
    that nonce and the caller's ephemeral X25519 key;
 3. app_id and compose_hash read from the replayed event log, never from the request body;
-4. the chain: DstackKms.isAppAllowed → DstackApp.isAppAllowed, and for owner keys each owner's own approval
+4. the boot (local, before the chain): the `key-provider` event names this KMS's root, and the OS image the CVM
+   measured (`os-image-hash`) has a registered measurement record whose MRTD and RTMR0-2 are the quote's
+   (`cvm.attest.os_image`; the records sit in `<state>/os-images/`);
+5. the chain: DstackKms.isAppAllowed → DstackApp.isAppAllowed, and for owner keys each owner's own approval
    (`hasApproved`) and the study's privacy budget, which is spent on-chain before any key leaves.
 
 A refusal raises `Refused(code, message)`; `code` is one of `kms_client.wire.RefusalCode`.
@@ -39,6 +42,12 @@ from contracts.chain import (
     DstackKms,
     OwnerDidNotApprove,
     ReleaseAlreadyRecorded,
+)
+from cvm.attest.os_image import (
+    OsImageRegistry,
+    OsMeasurementMismatch,
+    OsRecordInvalid,
+    UnknownOsImage,
 )
 from cvm.attest.verify import (
     AttestationError,
@@ -112,7 +121,10 @@ class NonceBook:
 class KeyManagementService:
     def __init__(self, *, root: RootKeys, chain: Chain, registry: DstackKms, dev_mode: bool,
                  simulated_root_der: bytes | None, signer: LocalAccount | None,
+                 os_images: OsImageRegistry | None = None,
                  clock: Callable[[], float] = time.time, rng: Callable[[int], bytes] = os.urandom):
+        """``os_images``: the OS images this KMS serves, with their measurements; without it (None) every boot is
+        refused, since no MRTD or RTMR0-2 could be checked."""
         if dev_mode and simulated_root_der is None:
             raise ValueError("dev mode needs the simulated TDX root to pin")
         self.root = root
@@ -121,6 +133,8 @@ class KeyManagementService:
         self.dev_mode = dev_mode
         self.simulated_root_der = simulated_root_der
         self.signer = signer
+        self.os_images = os_images if os_images is not None else OsImageRegistry()
+        self._key_provider_id = root.root_public_key_compressed.hex()
         self.clock = clock
         self.rng = rng
         self.nonces = NonceBook(rng=rng)
@@ -247,6 +261,7 @@ class KeyManagementService:
             raise Refused("simulated_quote_refused", f"{exc} (this KMS is not in dev mode)") from None
         except AttestationError as exc:
             raise Refused("bad_quote", str(exc)) from None
+        self._check_boot(verified)
         try:
             allowed, reason = self.registry.is_app_allowed(_boot_info(verified))
         except ChainError as exc:
@@ -255,6 +270,25 @@ class KeyManagementService:
             raise Refused(_CHAIN_REASON_CODES.get(reason, "not_approved"), f"the chain refused: {reason}")
         return AttestedCaller(app_id=verified.app_id, compose_hash=verified.compose_hash,
                               simulated=verified.simulated, cvm_pub=cvm_pub, nonce=nonce)
+
+    def _check_boot(self, verified: VerifiedBoot) -> None:
+        """The CVM booted trusting this KMS, on a registered OS image whose MRTD and RTMR0-2 the quote carries.
+        Local checks (a dict lookup and a few comparisons), run before the chain is asked and before anything is
+        spent or released."""
+        provider = verified.events.key_provider
+        named = provider.get("id") if isinstance(provider, dict) and provider.get("name") == "kms" else None
+        if not isinstance(named, str) or named.lower() != self._key_provider_id:
+            measured = verified.key_provider_info.decode("utf-8", "replace")[:200] or "nothing"
+            raise Refused("bad_quote", f"the CVM's key-provider event names {measured}, not this KMS (root public "
+                                       f"key {self._key_provider_id}): it booted trusting another key provider")
+        try:
+            self.os_images.gate(verified.os_image_hash, verified.claims)
+        except UnknownOsImage as exc:
+            raise Refused("unknown_app", str(exc)) from None
+        except OsMeasurementMismatch as exc:
+            raise Refused("bad_quote", str(exc)) from None
+        except OsRecordInvalid as exc:   # the operator's registry is broken: fail closed
+            raise Refused("bad_request", f"this KMS's OS image registry cannot be read: {exc}") from None
 
 
 def _boot_info(verified: VerifiedBoot) -> tuple:

@@ -122,11 +122,14 @@ class KmsClient:
         signed = self._call("GetOwnerSealKey", request, wire.OwnerSealKey)
         if (signed.app_id, signed.compose_hash, signed.owner) != (request.app_id, request.compose_hash, request.owner):
             raise KmsAnswerInvalid("the KMS answered for another app, recipe or owner")
-        public = bytes.fromhex(signed.public_key)
+        try:
+            public, signature = bytes.fromhex(signed.public_key), bytes.fromhex(signed.signature)
+        except ValueError:
+            raise KmsAnswerInvalid("malformed GetOwnerSealKey answer from the KMS: not hex") from None
         try:
             verify_owner_seal_pubkey(
                 bytes.fromhex(request.app_id[2:]), compose_hash, bytes.fromhex(request.owner[2:]), public,
-                signed.timestamp, bytes.fromhex(signed.signature), pinned_root_address=pinned_root_address,
+                signed.timestamp, signature, pinned_root_address=pinned_root_address,
                 now=int(time.time()) if now is None else now,
             )
         except KmsClientError as exc:
@@ -161,8 +164,12 @@ class KmsClient:
         attestation, ephemeral, nonce = self._attestation(attest, collateral)
         answer = self._call("GetAppKey", attestation, wire.AppKeyResponse)
         opened = self._open(answer.box, nonce, ephemeral)
-        return AppKey(k256_key=bytes.fromhex(opened["k256_key"]), k256_signature=bytes.fromhex(opened["k256_signature"]),
-                      kms_root_pubkey=root, simulated=answer.simulated)
+        try:
+            k256_key, k256_signature = bytes.fromhex(opened["k256_key"]), bytes.fromhex(opened["k256_signature"])
+        except (KeyError, TypeError, ValueError):
+            raise KmsAnswerInvalid("the GetAppKey box does not hold an app key and its signature") from None
+        return AppKey(k256_key=k256_key, k256_signature=k256_signature, kms_root_pubkey=root,
+                      simulated=answer.simulated)
 
     def release_owner_keys(self, attest: Attest, app_compose: bytes, *,
                            collateral: str | None = None) -> OwnerKeyRelease:
@@ -171,7 +178,10 @@ class KmsClient:
         request = wire.OwnerKeysRequest(attestation=attestation, app_compose=app_compose.decode())
         answer = self._call("ReleaseOwnerKeys", request, wire.OwnerKeysResponse)
         opened = self._open(answer.box, nonce, ephemeral)
-        keys = {owner: X25519PrivateKey.from_private_bytes(bytes.fromhex(k)) for owner, k in opened.items()}
+        try:
+            keys = {owner: X25519PrivateKey.from_private_bytes(bytes.fromhex(k)) for owner, k in opened.items()}
+        except (AttributeError, TypeError, ValueError):
+            raise KmsAnswerInvalid("the ReleaseOwnerKeys box does not hold X25519 owner keys") from None
         return OwnerKeyRelease(keys=keys, release_id=answer.release_id, release_tx=answer.release_tx,
                                epsilon_spent=answer.epsilon_spent, epsilon_remaining=answer.epsilon_remaining,
                                simulated=answer.simulated)

@@ -39,3 +39,15 @@ if ! command -v bwrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-ge
     echo "setup: note: bubblewrap could not be installed; study runs will say NOT ISOLATED" >&2
   fi
 fi
+
+# A container engine for the container backend (compose/backends/container.py, which starts `podman system service`
+# itself): podman and runc from Debian, where no engine is present and this machine lets us (root with apt-get).
+# Without one the container backend's tests are skipped, saying so loudly; the process backend works as before.
+if ! command -v podman >/dev/null 2>&1 && ! [ -S /var/run/docker.sock ] && [ "$(id -u)" = 0 ] \
+    && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing podman and runc (Debian) for the container backend"
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      podman runc crun uidmap slirp4netns fuse-overlayfs; } >/dev/null 2>&1; then
+    echo "setup: note: podman could not be installed; the container backend cannot run here" >&2
+  fi
+fi

@@ -6,6 +6,7 @@ imports none of them.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Iterator, NoReturn, Optional
@@ -15,11 +16,18 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from compose.stack_file import StackDescription, StackError, read_keystore
 from contracts.chain import Chain, ChainError, ChainUnreachable, DstackApp
 
+try:  # typer >= 0.25 carries its own copy of click, and raises that copy's exceptions
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_exceptions
+
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_KEY = 1, 2, 3, 4
+EXIT_INTERNAL = 5   # a failure no command foresaw: a bug in seal
 
 # `seal site …` defaults, here so that the site's logic (which imports torch) and its commands share them.
 DEFAULT_GATE_TOLERANCE = 0.02   # log-loss (nats) the local update may add on local validation
@@ -29,11 +37,38 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
-def fail(message: str, code: int, hint: str | None = None) -> NoReturn:
+def report_error(message: str, hint: str | None = None) -> None:
+    """One `error:` line, and a `hint:` line where one helps. Both are escaped: messages may quote user input."""
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     if hint:
         err.print(f"[bold]hint:[/] {escape(hint)}", highlight=False)
+
+
+def fail(message: str, code: int, hint: str | None = None) -> NoReturn:
+    report_error(message, hint)
     raise typer.Exit(code)
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors print as every other error does, one `error:` line and a `hint:` (typer's default draws a box
+    around them). A caller that asks for non-standalone mode (the demo's transcript) gets click's exceptions."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_exceptions.NoArgsIsHelpError as exc:
+            exc.show()   # `seal` alone, or a command group alone: its help
+            sys.exit(exc.exit_code)
+        except click_exceptions.ClickException as exc:
+            where = exc.ctx.command_path if getattr(exc, "ctx", None) else "seal"
+            report_error(exc.format_message(), f"`{where} -h` lists what it takes")
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            report_error("aborted")
+            sys.exit(EXIT_REFUSED)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 StateDir = Annotated[Optional[Path], typer.Option("--state-dir", help="Stack state folder (default: $SEALROOM_HOME or ./.sealroom)")]
@@ -85,6 +120,9 @@ def load_signer(stack: StackDescription | None, owner: str | None, keystore: Pat
         if keystore is not None:
             password = os.environ.get("SEAL_KEYSTORE_PASSWORD")
             if password is None:
+                if not sys.stdin.isatty():
+                    fail("no keystore password: SEAL_KEYSTORE_PASSWORD is not set and there is no terminal to ask on",
+                         EXIT_KEY, "set SEAL_KEYSTORE_PASSWORD")
                 password = typer.prompt("keystore password", hide_input=True)
             return read_keystore(keystore, password)
         if owner is not None:
@@ -96,7 +134,7 @@ def load_signer(stack: StackDescription | None, owner: str | None, keystore: Pat
             return Account.from_key(key)
     except StackError as exc:
         fail(str(exc), EXIT_KEY)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # KeyError/TypeError: a JSON file that is no keystore
         # eth-account raises ValueError("MAC mismatch") for a wrong password; never echo key material.
         fail(f"could not load the owner key: {type(exc).__name__}: {exc}", EXIT_KEY,
              "check the keystore path and SEAL_KEYSTORE_PASSWORD")

@@ -9,7 +9,6 @@ Every step an owner takes is a real `seal` invocation, shown with a `$` prompt.
 from __future__ import annotations
 
 import shlex
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import ExitStack, closing
@@ -20,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.rule import Rule
 
+from sealing_cli.scratch import prepare_scratch_folder
 from sealing_cli.stack import LocalStack
 
 console = Console(soft_wrap=True)
@@ -146,12 +146,13 @@ def held_out_auc(payload: dict, label: str, rows: int) -> tuple[float, float]:
 
 
 def run_demo(state_dir: Path, *, seal: SealCommand, small: bool = False) -> None:
+    # A fresh throwaway folder: one this demo made is emptied; anyone else's folder is refused (ScratchRefused),
+    # before the heavy imports, so that a refusal is immediate.
+    state_dir = prepare_scratch_folder(state_dir, made_by="seal demo",
+                                       notify=lambda line: console.print(f"note: {line}"))
     from compose.auth import issue_token
     from cvm.analyses.cohorts import OUTCOME, SITE_SIZES, generate_site, write_parquet
 
-    if state_dir.exists():
-        shutil.rmtree(state_dir)  # the demo always starts from a clean, throwaway stack
-    state_dir.mkdir(parents=True)
     sd = ["--state-dir", str(state_dir)]
     sizes = {site: max(1, round(n * (SMALL_FRACTION if small else 1))) for site, n in SITE_SIZES.items()}
     started = time.perf_counter()

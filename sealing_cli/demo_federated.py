@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from rich.rule import Rule
 from compose.backends.launcher import ManagedProcess, free_loopback_port
 from compose.stack_file import read_keystore
 from sealing_cli.demo import SealCommand, expect
+from sealing_cli.scratch import prepare_scratch_folder
 from sealing_cli.stack import LocalStack
 
 console = Console(soft_wrap=True)
@@ -120,6 +120,10 @@ def _poison(site: _Site, url: str, compose: bytes, stack: LocalStack, root: byte
 
 
 def run_federated_demo(state_dir: Path, *, seal: SealCommand) -> None:
+    # A fresh throwaway folder: one this demo made is emptied; anyone else's folder is refused (ScratchRefused),
+    # before the heavy imports, so that a refusal is immediate.
+    state_dir = prepare_scratch_folder(state_dir, made_by="seal demo",
+                                       notify=lambda line: console.print(f"note: {line}"))
     from compose.app_compose import compose_hash
     from cvm.aggregator import build_round_compose
     from cvm.analyses.cohorts import SITE_SIZES, generate_site, write_parquet
@@ -127,9 +131,6 @@ def run_federated_demo(state_dir: Path, *, seal: SealCommand) -> None:
     from cvm.federated.task import NUM_PARAMETERS
     from sealing_cli.site import SiteState
 
-    if state_dir.exists():
-        shutil.rmtree(state_dir)
-    state_dir.mkdir(parents=True)
     sd = ["--state-dir", str(state_dir)]
     started = time.perf_counter()
     console.print(Rule(f"Sealroom federated demo: five sites, {ROUNDS} rounds, a SIMULATED attested aggregator"))

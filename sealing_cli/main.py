@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
+from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_keys import keys as eth_keys
 from eth_utils import is_address, to_checksum_address
@@ -29,7 +31,13 @@ from rich.table import Table
 
 from auditor.verify import NotAReceipt, load_receipt, render_checklist, verify_receipt
 from compose.backends.launcher import ServiceStartError
-from compose.stack_file import StackDescription, StackError, default_state_dir
+from compose.safe_parse import restore_recursion_limit
+from compose.stack_file import (
+    StackDescription,
+    StackError,
+    StackRefused,
+    default_state_dir,
+)
 from contracts.chain import (
     Chain,
     ChainError,
@@ -38,15 +46,23 @@ from contracts.chain import (
     DstackApp,
     DstackKms,
 )
-from cvm.sealed.dataset import SealedFileError, read_envelope, seal_file
+from cvm.attest.os_image import OsImageRegistry, OsRecordConflict, OsRecordInvalid, load_record
+from cvm.sealed.dataset import (
+    SealedFileError,
+    read_envelope,
+    seal_file,
+    verify_payload,
+)
 from kms_client.client import KmsClient, KmsError, KmsUnreachable
 from sealing_cli.common import (
+    EXIT_INTERNAL,
     EXIT_REFUSED,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
     ComposeHashOpt,
     JsonFlag,
     KeystoreOpt,
+    OneLineErrors,
     OwnerOpt,
     StateDir,
     chain_refused,
@@ -59,11 +75,44 @@ from sealing_cli.common import (
     out,
     parse_compose_hash,
 )
+from sealing_cli.image_cli import image_app
+from sealing_cli.devchain import ANVIL_FUNDER_KEY
+from sealing_cli.os_images import kms_os_images_dir, register_os_image
 from sealing_cli.site_cli import site_app
 from sealing_cli.stack import DEFAULT_OWNER_NAMES, LocalStack
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# `seal` is `sealing_cli.main:app`: this module's import is its entry point. eth_account's py_ecc raised the
+# recursion limit to 100 000; back at the default, a crafted file nested deep fails cleanly instead of crashing.
+restore_recursion_limit()
+
+# No pretty tracebacks: they print local variables, which may hold keys. Every failure is one `error:` line.
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Sealroom: sealed datasets, k-of-n consent on-chain, attested DP studies.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"seal {_installed_version()}")
+        raise typer.Exit()
+
+
+def _installed_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sealroom")
+    except PackageNotFoundError:
+        return "unknown (not installed as a package)"
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="Print the version and exit")] = False,
+) -> None:
+    """Sealroom: sealed datasets, k-of-n consent on-chain, attested DP studies."""
+
 
 def _print_status(status: ComposeStatus, names: dict[str, str]) -> None:
     state = "REVOKED" if status.revoked else ("allowed" if status.allowed else
@@ -80,24 +129,41 @@ def _print_status(status: ComposeStatus, names: dict[str, str]) -> None:
 
 @app.command()
 def up(
+    ctx: typer.Context,
     state_dir: StateDir = None,
-    owners: Annotated[int, typer.Option(help="Number of dev owners (named after the demo's five sites)")] = 5,
-    threshold: Annotated[Optional[int], typer.Option(help="Approvals needed (default: all owners)")] = None,
-    epsilon_budget: Annotated[float, typer.Option("--epsilon-budget", help="The study's total ε")] = 3.0,
+    owners: Annotated[int, typer.Option(help="Number of dev owners (named after the demo's five sites); "
+                                        "fixed by the first start in a folder")] = 5,
+    threshold: Annotated[Optional[int], typer.Option(help="Approvals needed (default: all owners); fixed by "
+                                                     "the first start in a folder")] = None,
+    epsilon_budget: Annotated[float, typer.Option("--epsilon-budget", help="The study's total ε; fixed by the "
+                                                  "first start in a folder")] = 3.0,
     compose: Annotated[Optional[Path], typer.Option("--compose", exists=True, dir_okay=False,
                                                     help="Also boot a SIMULATED CVM for this app-compose.json "
                                                          "(its compose hash must be approved on-chain)")] = None,
 ) -> None:
-    """Start the local stack (anvil, contracts, KMS) and keep it running until Ctrl-C."""
+    """Start the local stack (anvil, contracts, KMS, API) and keep it running until Ctrl-C; started again in the
+    same folder, it comes back with the same chain, contracts, KMS root and analysts' tokens."""
     if not 1 <= owners <= len(DEFAULT_OWNER_NAMES):
         fail(f"--owners must be between 1 and {len(DEFAULT_OWNER_NAMES)}", EXIT_USAGE)
+    if threshold is not None and not 1 <= threshold <= owners:
+        fail(f"--threshold must be between 1 and the number of owners ({owners}), got {threshold}", EXIT_USAGE)
+    if not (math.isfinite(epsilon_budget) and epsilon_budget > 0):
+        fail(f"--epsilon-budget must be a finite number above 0, got {epsilon_budget}", EXIT_USAGE)
     directory = state_dir or default_state_dir()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `seal down`: unwind through the stack's clean-up
     try:
-        with LocalStack(directory, owner_names=DEFAULT_OWNER_NAMES[:owners], threshold=threshold,
-                        epsilon_budget=epsilon_budget, with_api=True) as stack:
+        # Options left at their defaults mean "as deployed" when the folder already holds a stack.
+        given = {name: getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
+                 for name in ("owners", "epsilon_budget")}
+        with LocalStack(directory, owner_names=DEFAULT_OWNER_NAMES[:owners] if given["owners"] else None,
+                        threshold=threshold, epsilon_budget=epsilon_budget if given["epsilon_budget"] else None,
+                        with_api=True, notify=lambda line: err.print(f"note: {escape(line)}", highlight=False),
+                        ) as stack:
             d = stack.description
             out.print(f"[green]local stack up[/]  chain {d.chain_id} at {d.rpc_url}")
+            if stack.resumed:
+                out.print(f"resumed the stack saved in {stack.state_dir}: same chain (block "
+                          f"{stack.chain.w3.eth.block_number}), contracts, KMS root and analysts' tokens")
             out.print(f"DstackKms {d.dstack_kms}   DstackApp (app_id) {d.dstack_app}   threshold {d.threshold}/{len(d.owners)}")
             out.print(f"KMS {d.services['kms']['url']} (dev mode: accepts SIMULATED quotes), root {d.services['kms']['root_address']}")
             out.print(f"analysts' REST API {d.services['api']['url']} (OpenAPI at /docs); issue a token with "
@@ -109,6 +175,8 @@ def up(
                 time.sleep(3600)
     except KeyboardInterrupt:
         pass
+    except StackRefused as exc:
+        fail(str(exc), EXIT_USAGE)
     except (StackError, ChainError, ServiceStartError) as exc:
         fail(str(exc), EXIT_UNREACHABLE)
     out.print("local stack stopped")
@@ -152,7 +220,7 @@ def down(state_dir: StateDir = None) -> None:
         os.kill(stack.supervisor_pid, signal.SIGTERM)
     except ProcessLookupError:
         fail(f"no `seal up` process {stack.supervisor_pid}; the stack description is stale", EXIT_UNREACHABLE,
-             f"delete {(state_dir or default_state_dir()) / 'stack.json'}")
+             "the next `seal up` in this folder cleans it up and resumes the stack")
     out.print("stopping the local stack")
 
 
@@ -262,6 +330,20 @@ def _pinned_kms_root(stack: StackDescription | None, kms_root: str | None) -> st
     return eth_keys.PublicKey.from_compressed_bytes(registered).to_checksum_address()
 
 
+def _refuse_foreign_output(out_path: Path, input_file: Path) -> None:
+    """`seal dataset` replaces only what it made, an earlier sealed file: never its input, never any other file."""
+    if not (out_path.exists() or out_path.is_symlink()):
+        return
+    if out_path.is_dir() or (out_path.exists() and out_path.samefile(input_file)):
+        fail(f"--out: {out_path} is {'a folder' if out_path.is_dir() else 'the input file'}; it is left as it is",
+             EXIT_USAGE)
+    try:
+        read_envelope(out_path)
+    except (SealedFileError, OSError):
+        fail(f"--out: {out_path} exists and is not a sealed file; sealing would replace it, so it is left as it is",
+             EXIT_USAGE, "give another --out, or move that file away")
+
+
 @app.command()
 def dataset(
     input_file: Annotated[Path, typer.Argument(metavar="INPUT", help="CSV or Parquet file to seal", exists=True,
@@ -280,6 +362,10 @@ def dataset(
     h = parse_compose_hash(compose_hash)
     if not is_address(app_id):
         fail(f"--app-id must be a 0x address (the DstackApp contract), got {app_id!r}", EXIT_USAGE)
+    out_path = out_file or input_file.with_name(input_file.name + ".sealed")
+    if not out_path.parent.is_dir():
+        fail(f"--out: the folder {out_path.parent} does not exist", EXIT_USAGE)
+    _refuse_foreign_output(out_path, input_file)
     root = _pinned_kms_root(stack, kms_root)
     url = kms_url or stack.services["kms"]["url"]
     try:
@@ -287,7 +373,6 @@ def dataset(
             seal_pubkey = kms.owner_seal_key(app_id, h, signer.address, pinned_root_address=root)
     except KmsError as exc:
         fail(str(exc), EXIT_UNREACHABLE if isinstance(exc, KmsUnreachable) else EXIT_REFUSED)
-    out_path = out_file or input_file.with_name(input_file.name + ".sealed")
     total = input_file.stat().st_size
     try:
         with Progress(console=err, transient=True, disable=not err.is_terminal or as_json) as bar:
@@ -311,16 +396,20 @@ def dataset(
 @app.command()
 def inspect(
     sealed_file: Annotated[Path, typer.Argument(metavar="FILE", exists=True, dir_okay=False, readable=True)],
+    quick: Annotated[bool, typer.Option("--quick", help="Check only the header and the owner signature; do not "
+                                        "re-hash the payload (a damaged payload then goes unnoticed)")] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Print a sealed file's envelope and check the owner's signature. Needs no key."""
+    """Print a sealed file's envelope, check the owner's signature and re-hash the payload against the signed
+    ciphertext digest (exit 1 if the file is damaged). Needs no key."""
     try:
-        envelope = read_envelope(sealed_file)
+        envelope = read_envelope(sealed_file) if quick else verify_payload(sealed_file)
     except SealedFileError as exc:
         fail(f"{sealed_file}: {exc}", EXIT_REFUSED)
     h = envelope.header
     record = {
         "format": "sealroom.sealed/v1", "owner": to_checksum_address(h.owner), "signature": "valid",
+        "payload": "not checked" if quick else "valid",
         "app_id": to_checksum_address(h.app_id), "compose_hash": h.compose_hash.hex(),
         "kms_root": to_checksum_address(h.kms_root), "source_format": h.source_format,
         "schema": [{"name": f.name, "type": f.type} for f in h.schema], "rows": envelope.rows,
@@ -334,6 +423,9 @@ def inspect(
     for key, value in record.items():
         if key == "schema":
             value = ", ".join(f"{f['name']}:{f['type']}" for f in value)
+        elif key == "payload":
+            value = ("NOT CHECKED (--quick): the ciphertext was not re-hashed against the signed digest" if quick
+                     else "valid: the ciphertext matches the signed ciphertext_sha256")
         out.print(f"{key:<18} {value}")
 
 
@@ -344,15 +436,18 @@ def demo(
     federated: Annotated[bool, typer.Option("--federated", help="Run three federated rounds with five sites instead")] = False,
 ) -> None:
     """Run the demo study end to end on the embedded local stack."""
-    if federated:
-        from sealing_cli.demo import transcript_runner
-        from sealing_cli.demo_federated import run_federated_demo
+    try:
+        if federated:
+            from sealing_cli.demo import transcript_runner
+            from sealing_cli.demo_federated import run_federated_demo
 
-        run_federated_demo(state_dir or default_state_dir() / "demo-federated", seal=transcript_runner(app))
-        return
-    from sealing_cli.demo import run_demo, transcript_runner
+            run_federated_demo(state_dir or default_state_dir() / "demo-federated", seal=transcript_runner(app))
+            return
+        from sealing_cli.demo import run_demo, transcript_runner
 
-    run_demo(state_dir or default_state_dir() / "demo", seal=transcript_runner(app), small=small)
+        run_demo(state_dir or default_state_dir() / "demo", seal=transcript_runner(app), small=small)
+    except StackRefused as exc:   # a folder the demo did not make, or where a stack runs: left untouched
+        fail(str(exc), EXIT_USAGE, "`seal demo` empties its folder first; it only empties folders it made itself")
 
 
 @app.command()
@@ -369,6 +464,9 @@ def verify(
                                                        readable=True)] = None,
     allow_simulated: Annotated[bool, typer.Option("--allow-simulated", help="Accept a SIMULATED TDX quote (it proves "
                                                   "nothing about hardware)")] = False,
+    os_measurements: Annotated[Optional[list[Path]], typer.Option(
+        "--os-measurements", help="Pin an OS image's measurement record (sealroom-os-measurement/v1); repeatable "
+        "(default: the records the local stack's KMS holds)", exists=True, dir_okay=False, readable=True)] = None,
     simulated_root: Annotated[Optional[Path], typer.Option("--simulated-root", help="The simulated TDX root to pin, "
                                                            "DER (default: the local stack's)", exists=True,
                                                            dir_okay=False, readable=True)] = None,
@@ -396,6 +494,12 @@ def verify(
             fail("--allow-simulated needs a simulated TDX root to pin", EXIT_USAGE,
                  "pass --simulated-root FILE (DER), or run against the local stack that made the receipt")
         root_der = root_path.read_bytes()
+    # Like the roots, the OS measurements are the auditor's pins (or the local stack's), never the receipt's.
+    try:
+        os_records = ([load_record(path) for path in os_measurements] if os_measurements else
+                      OsImageRegistry(kms_os_images_dir(state_dir or default_state_dir())).records() if stack else [])
+    except OsRecordInvalid as exc:
+        fail(str(exc), EXIT_USAGE)
     try:
         receipt = load_receipt(receipt_file.read_bytes())
     except NotAReceipt as exc:
@@ -408,7 +512,8 @@ def verify(
     try:
         report = verify_receipt(receipt, now=int(time.time()) if at is None else at, chain=chain,
                                 kms_root=pinned_root, collateral=collateral.read_text() if collateral else None,
-                                allow_simulated=allow_simulated, simulated_root_der=root_der)
+                                allow_simulated=allow_simulated, simulated_root_der=root_der,
+                                os_measurements=os_records)
     finally:
         if chain is not None:
             chain.close()
@@ -425,7 +530,53 @@ def verify(
 
 
 app.add_typer(site_app, name="site")
+os_app = typer.Typer(no_args_is_help=True, help="The OS images the local KMS serves (their measured MRTD and RTMR0-2).")
+app.add_typer(os_app, name="os")
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+@os_app.command("register")
+def os_register(
+    record_file: Annotated[Path, typer.Argument(metavar="FILE", help="The image's measurement record, "
+                                                "sealroom-os-measurement/v1 JSON (docs/protocol.md)", exists=True,
+                                                dir_okay=False, readable=True)],
+    state_dir: StateDir = None, as_json: JsonFlag = False,
+) -> None:
+    """Register an OS image with the local stack: its measurement record with the KMS, its hash on DstackKms. The
+    KMS then serves CVMs that measure this os-image-hash only if their MRTD and RTMR0-2 are the record's."""
+    stack = load_stack(state_dir)
+    try:
+        record = load_record(record_file)
+    except OsRecordInvalid as exc:
+        fail(str(exc), EXIT_USAGE)
+    try:
+        with open_chain(stack) as chain:
+            # The local stack's operator (the dev funder) owns its DstackKms.
+            done = register_os_image(state_dir or default_state_dir(), DstackKms(chain, stack.dstack_kms), record,
+                                     Account.from_key(ANVIL_FUNDER_KEY))
+    except OsRecordConflict as exc:
+        fail(str(exc), EXIT_REFUSED)
+    except ChainError as exc:
+        chain_refused(exc)
+    if as_json:
+        out.print_json(json.dumps({"os_image_hash": record.os_image_hash.hex(), "name": record.name,
+                                   "version": record.version, "record": str(done.path),
+                                   "newly_recorded": done.recorded, "newly_allowed": done.allowed}))
+        return
+    out.print(f"OS image {record.name} {record.version}  os_image_hash {record.os_image_hash.hex()}")
+    out.print(f"KMS record  {done.path} ({'registered' if done.recorded else 'already registered'})")
+    out.print(f"DstackKms   {stack.dstack_kms}: {'now allows' if done.allowed else 'already allowed'} this image")
+app.add_typer(image_app, name="image")
+
+
+def main() -> None:
+    """The `seal` console entry point. A failure the commands did not foresee is a bug: it still ends in one
+    `error:` line (no traceback, which could print local variables), and SEAL_DEBUG=1 shows where it happened."""
+    try:
+        app()
+    except Exception as exc:
+        if os.environ.get("SEAL_DEBUG"):
+            raise
+        err.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: {escape(str(exc))}", highlight=False)
+        err.print("[bold]hint:[/] this is a bug in seal; rerun with SEAL_DEBUG=1 to see where, and report it",
+                  highlight=False)
+        sys.exit(EXIT_INTERNAL)

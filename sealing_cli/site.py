@@ -43,6 +43,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from eth_utils import to_checksum_address
@@ -105,6 +106,10 @@ class RoundNotPublished(SiteError):
     pass
 
 
+class SiteDataInvalid(SiteError):
+    """The site's --data file is not a Parquet table with the task's columns."""
+
+
 class SiteStateError(SiteError):
     pass
 
@@ -123,7 +128,14 @@ def load_site_data(path: Path) -> SiteData:
     The split is a fixed permutation (seed 0): it must be the same in ``train`` and ``accept`` so that the
     candidate is judged on rows the site never trained on.
     """
-    data = prepare_features(pq.read_table(path), TASK)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise SiteDataInvalid(f"{path}: not a Parquet table ({exc})") from None
+    try:
+        data = prepare_features(table, TASK)
+    except (TypeError, ValueError) as exc:
+        raise SiteDataInvalid(f"{path}: {exc}") from None
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
     cut = len(data) - max(1, int(round(VALIDATION_FRACTION * len(data))))
     pick = lambda rows: Features(data.x[rows], data.y[rows])  # noqa: E731

@@ -44,6 +44,16 @@ def _root(allow_simulated: bool, simulated_root: Path | None) -> bytes | None:
     return simulated_root.read_bytes() if allow_simulated and simulated_root else None
 
 
+def _site_data(path: Path):
+    """The site's own table, read before anything else happens: a wrong file is a usage error."""
+    from sealing_cli.site import SiteDataInvalid, load_site_data
+
+    try:
+        return load_site_data(path)
+    except SiteDataInvalid as exc:
+        fail(str(exc), EXIT_USAGE, "--data is the site's own Parquet table with the round task's columns")
+
+
 def _refuse(exc: Exception) -> None:
     from sealing_cli.site import AggregatorNotTrusted, AggregatorUnreachable
 
@@ -70,12 +80,12 @@ def train(
 ) -> None:
     """Attest the round's aggregator, train locally, gate, clip, sign, seal to the aggregator and send."""
     from contracts.chain import ChainError
-    from sealing_cli.site import SiteError, SiteState, load_site_data, train_round
+    from sealing_cli.site import SiteError, SiteState, train_round
 
     root = _root(allow_simulated, simulated_root)
+    site_data = _site_data(data)
     stack = load_stack(state_dir)
     account = load_signer(stack, owner, keystore)
-    site_data = load_site_data(data)
     state = SiteState(state_dir or default_state_dir(), account.address)
     with open_app(stack) as app:
         try:
@@ -97,16 +107,17 @@ def _decide(keep_candidate_if_good: bool, round_number: int, data: Path, owner: 
             state_dir: Path | None) -> None:
     from contracts.chain import ChainError
     from cvm.aggregator import RoundRecordInvalid
-    from sealing_cli.site import SiteError, SiteState, decide_round, load_site_data
+    from sealing_cli.site import SiteError, SiteState, decide_round
 
     root = _root(allow_simulated, simulated_root)
+    site_data = _site_data(data)
     stack = load_stack(state_dir)
     account = load_signer(stack, owner, keystore)
     state = SiteState(state_dir or default_state_dir(), account.address)
     with open_app(stack) as app:
         try:
             outcome = decide_round(round_number=round_number, keep_candidate_if_good=keep_candidate_if_good, app=app,
-                                   data=load_site_data(data), state=state, now=int(time.time()),
+                                   data=site_data, state=state, now=int(time.time()),
                                    allow_simulated=allow_simulated, simulated_root_der=root,
                                    aggregator_url=aggregator, tolerance=tolerance)
         except (SiteError, RoundRecordInvalid, ChainError) as exc:

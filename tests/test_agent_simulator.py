@@ -295,7 +295,10 @@ def test_get_key_and_sign_wait_for_the_app_key(tmp_path, monkeypatch):
             for call in (lambda: client.get_key("a", "b"), lambda: client.sign("ed25519", b"x")):
                 status, error = http_error(call)
                 assert status == 503 and "app key has not been obtained" in error
-            assert client.get_quote(b"q").decode_quote()  # attestation works before the key
+            quote = client.get_quote(b"q")  # attestation works before the key, and verifies
+            boot = verified(quote, provider.simulated_root_der, b"q")
+            assert quote.report_data == b"q".ljust(64, b"\0").hex() and boot.claims.report_data == b"q".ljust(64, b"\0")
+            assert boot.simulated and (boot.app_id, boot.compose_hash) == (APP_ID, hashlib.sha256(APP_COMPOSE).digest())
             agent.obtain_app_key(provider)
             assert client.get_key("a", "b").decode_key() == hkdf(app_key(), b"a")
 

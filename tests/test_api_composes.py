@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -10,7 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from compose.app_compose import compose_hash, manifest_from_app_compose
+from compose.app_compose import build_app_compose, compose_hash, manifest_from_app_compose, normalized_json_bytes
+from compose.manifest import StudyManifest
 from compose.auth import issue_token
 from compose.stack_file import read_keystore
 from contracts.chain import DstackApp
@@ -160,3 +162,24 @@ def test_unknown_composes_and_runs_are_not_found(api):
         assert client.get("/runs/0123456789abcdef").status_code == 404
         assert client.get("/composes/not-a-hash").status_code == 422
     assert httpx.get(f"{api.url}/composes/{'ab' * 32}/app-compose.json").status_code == 404
+
+
+@pytest.mark.parametrize(("edit", "field"), [
+    (lambda params: params.update(bogus_setting=1), "bogus_setting"),
+    (lambda params: params["queries"][1].update(bounds="18 to 95"), "bounds"),
+    (lambda params: params.update(max_rows=-5), "max_rows"),
+])
+def test_a_recipe_its_analysis_cannot_run_is_refused_before_anything_is_proposed(api, edit, field):
+    """Issue 11: an unknown setting, a wrong type or an out-of-range bound used to be proposed, approved and paid
+    for before the CVM refused it. Now the API refuses it with 422 naming the field, and nothing is proposed.
+    (A misspelt column is caught when the run starts, against the sealed files' schemas: test_spend_guards.)"""
+    body = submission(api.owners, study=f"refused-{field}")
+    body["manifest"]["analysis"]["params"] = params = copy.deepcopy(STATS_PARAMS)
+    edit(params)
+    with api.client() as client:
+        reply = client.post("/composes", json=body)
+    assert reply.status_code == 422, reply.text
+    assert field in reply.text
+    would_be = compose_hash(normalized_json_bytes(build_app_compose(
+        body["name"], body["docker_compose"], StudyManifest.model_validate(body["manifest"]))))
+    assert not api.study.status(would_be).proposed

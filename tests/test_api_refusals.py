@@ -65,8 +65,8 @@ def test_a_run_the_budget_cannot_cover_fails_with_the_kms_refusal(api, allowed):
     assert api.study.budget().spent_micro == 0            # the refusal spent nothing
 
 
-def test_a_run_on_a_revoked_compose_is_refused(api, allowed):
-    h, sealed = allowed
+def test_a_run_on_a_revoked_compose_is_refused(api):
+    h, sealed = allowed_compose(api, "refusals-revoked-test")      # its own: the other tests' compose stays allowed
     before = run_folders(api)
     api.study.revoke(bytes.fromhex(h), api.owners["B"])
     with api.client() as client:

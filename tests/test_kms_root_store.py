@@ -75,9 +75,13 @@ def _flip_hex(value: str) -> str:
     return ("0" if value[0] != "0" else "1") + value[1:]
 
 
+def _flip_last_byte(value: str) -> str:  # the GCM tag's last byte, XOR 0x01: always a change
+    return value[:-2] + f"{int(value[-2:], 16) ^ 0x01:02x}"
+
+
 TAMPERINGS = {
     "ciphertext byte": (lambda d: d.update(ciphertext=_flip_hex(d["ciphertext"])), r"corrupted root store$"),
-    "tag byte": (lambda d: d.update(ciphertext=d["ciphertext"][:-2] + "00"), r"corrupted root store$"),
+    "tag byte": (lambda d: d.update(ciphertext=_flip_last_byte(d["ciphertext"])), r"corrupted root store$"),
     "truncated ciphertext": (lambda d: d.update(ciphertext=d["ciphertext"][:-34]), r"corrupted root store$"),
     "nonce": (lambda d: d["cipher"].update(nonce=_flip_hex(d["cipher"]["nonce"])), r"corrupted root store$"),
     "salt": (lambda d: d["kdf"].update(salt=_flip_hex(d["kdf"]["salt"])), r"corrupted root store$"),

@@ -125,12 +125,15 @@ def test_replayed_nonce_is_refused(stack, kms):
         return captured["evidence"]
 
     app_id = bytes.fromhex(stack.description.dstack_app[2:])
-    attestation, _key, nonce = kms._attestation(attest_and_capture, None)
-    kms._call("GetAppKey", attestation, wire.AppKeyResponse)
+    attestation, key, nonce = kms._attestation(attest_and_capture, None)
+    first = kms._call("GetAppKey", attestation, wire.AppKeyResponse)
     with pytest.raises(KmsRefused, match="already used") as refused:
         kms._call("GetAppKey", attestation, wire.AppKeyResponse)
     assert refused.value.code == "stale_nonce"
-    assert app_id and nonce
+    # the replayed attestation carried the one nonce the KMS issued, and its first use got this app's key
+    assert len(nonce) == 32 and attestation.nonce == nonce.hex()
+    opened = kms._open(first.box, nonce, key)
+    assert bytes.fromhex(opened["k256_key"]) == kms.get_app_key(cvm(stack, APPROVED).attest, app_id=app_id).k256_key
 
 
 def test_expired_nonce_is_refused(stack):

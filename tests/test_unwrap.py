@@ -37,7 +37,8 @@ def world(tmp_path_factory):
         def recipe(epsilon):
             manifest = StudyManifest.model_validate({
                 "study": "unwrap-test", "inputs": [{"owner": owners[n].address, "name": f"cohort-{n}"} for n in "AB"],
-                "analysis": {"kind": "dp_stats", "params": {}}, "epsilon": epsilon, "delta": 1e-6,
+                "analysis": {"kind": "dp_stats", "params": {"max_rows": 1000, "queries": [{"kind": "count", "name": "n"}]}},
+                "epsilon": epsilon, "delta": 1e-6,
                 "output_type": "aggregate_stats",
             })
             body = normalized_json_bytes(build_app_compose("unwrap-test", YAML, manifest))
@@ -55,7 +56,8 @@ def world(tmp_path_factory):
         files = {}
         for name in "AB":
             source = state / f"cohort-{name}.csv"
-            table = pa.table({"age": [61, 47, 70], "egfr": [55.5, 90.1, 38.2], "note": [MARKER, "x", "y"]})
+            # 12 rows: the output gate releases a count only above its minimum group size
+            table = pa.table({"age": [61, 47, 70] * 4, "egfr": [55.5, 90.1, 38.2] * 4, "note": [MARKER, "x", "y"] * 4})
             pcsv.write_csv(table, source)
             out = state / f"cohort-{name}.sealed"
             result = CliRunner().invoke(seal_cli, [
@@ -73,7 +75,7 @@ def test_sealed_for_h_opens_in_a_cvm_measured_as_h(world):
         inputs = unwrap_datasets([files["A"][1], files["B"][1]], dstack=dstack, kms=kms, chain=stack.chain)
         log = json.loads(dstack.get_quote(b"after").event_log)
     table = inputs.datasets["cohort-A"].to_arrow()
-    assert table.column("note").to_pylist() == [MARKER, "x", "y"]
+    assert table.column("note").to_pylist() == [MARKER, "x", "y"] * 4
     assert inputs.release.simulated
     assert inputs.ciphertext_sha256["cohort-B"] == files["B"][2]["ciphertext_sha256"]
     assert study.budget().spent_micro == 250_000

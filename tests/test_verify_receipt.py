@@ -15,7 +15,7 @@ from eth_account import Account
 from eth_keys import keys as eth_keys
 from typer.testing import CliRunner
 
-import auditor.verify as verify_module
+import auditor.links.quote as quote_link
 from auditor.verify import LinkStatus, VerificationReport, verify_receipt
 from compose.app_compose import normalized_json_bytes
 from compose.backends.launcher import free_loopback_port
@@ -119,12 +119,12 @@ def test_another_simulated_root_is_refused(runs, tmp_path):
 
 def test_an_out_of_date_platform_holds_with_a_warning(runs, monkeypatch):
     # No real sample quote verifies as OutOfDate (fixtures/tdx), so the policy is exercised on patched claims.
-    genuine = verify_module.verify_quote
+    genuine = quote_link.verify_quote
 
     def out_of_date(*args, **kwargs):
         return replace(genuine(*args, **kwargs), tcb_status="OutOfDate", advisory_ids=("INTEL-SA-00837",))
 
-    monkeypatch.setattr(verify_module, "verify_quote", out_of_date)
+    monkeypatch.setattr(quote_link, "verify_quote", out_of_date)
     report = runs.verify(runs.first)
     quote = report.link("quote")
     assert report.ok and quote.status is LinkStatus.WARNING

@@ -22,6 +22,7 @@ import sys
 import threading
 from pathlib import Path
 
+from compose.safe_parse import restore_recursion_limit
 from cvm.agent_sim.agent import AgentSimError, GuestAgentSimulator
 from cvm.agent_sim.server import AgentServer
 from kms_client import KmsError, make_key_provider
@@ -31,6 +32,7 @@ EXIT_BOOT_FAILED = 3
 
 
 def main(argv: list[str] | None = None) -> int:
+    restore_recursion_limit()  # in case an import raised it (py_ecc does): deep input must fail, not crash
     args = _parser().parse_args(argv)
     try:
         app_compose = Path(args.app_compose).read_bytes()

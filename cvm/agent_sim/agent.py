@@ -7,6 +7,8 @@ Boot (dstack ``system_setup.rs``; docs/design.md, "dstack formats"): measure ``s
 (``sha256(seed ‖ app_id)[:20]``), ``boot-mr-done``, ``os-image-hash``, ``key-provider``
 (``{"name":"kms","id":"<hex KMS root pubkey>"}``) and ``system-ready`` into the simulated RTMR3;
 then ask the key provider for the app key, attesting with a fresh simulated quote over those RTMRs.
+The OS the CVM boots is a described :class:`~cvm.attest.simulated.SimulatedOsImage` (default: the stack's
+``SIMULATED_OS_IMAGE``): its MRTD and RTMR0-2 are the image's, and ``os-image-hash`` is its hash.
 The grant is accepted only if the KMS signature on it recovers to the root the CVM measured.
 """
 
@@ -31,9 +33,9 @@ from cvm.attest.eventlog import (
     replay_rtmr,
 )
 from cvm.attest.simulated import (
-    SIMULATED_BOOT_EVENTS,
     SIMULATED_DEVICE_ID,
-    SIMULATED_OS_IMAGE_HASH,
+    SIMULATED_OS_IMAGE,
+    SimulatedOsImage,
     SimulatedTdx,
     mr_config_id_v1,
 )
@@ -125,6 +127,7 @@ class GuestAgentSimulator:
         app_id: bytes,
         kms_root_pubkey: bytes,
         boot_events: list[RuntimeEvent],
+        os_image: SimulatedOsImage = SIMULATED_OS_IMAGE,
     ) -> None:
         self._platform = platform
         self._app_compose = app_compose
@@ -132,7 +135,9 @@ class GuestAgentSimulator:
         self._kms_root_pubkey = kms_root_pubkey
         self._compose_hash = hashlib.sha256(app_compose).digest()
         self._lock = threading.Lock()
-        self._events: list[RuntimeEvent] = [*SIMULATED_BOOT_EVENTS, *boot_events]
+        # The booted image's registers: MRTD and RTMR0-2 are fixed once the OS has booted.
+        self._os_registers = {"mrtd": os_image.mrtd, **{f"rtmr{i}": os_image.rtmr(i) for i in range(3)}}
+        self._events: list[RuntimeEvent] = [*os_image.boot_events, *boot_events]
         self._rtmr3 = replay_rtmr(e.digest for e in self._events if e.imr == RTMR3_INDEX)
         self._grant: AppKeyGrant | None = None
 
@@ -145,7 +150,7 @@ class GuestAgentSimulator:
         state_dir: str | os.PathLike[str],
         *,
         instance_seed: bytes | None = None,
-        os_image_hash: bytes = SIMULATED_OS_IMAGE_HASH,
+        os_image: SimulatedOsImage = SIMULATED_OS_IMAGE,
     ) -> GuestAgentSimulator:
         """Measure the boot, then obtain the app key from ``key_provider`` through attestation."""
         agent = cls.measure_boot(
@@ -154,7 +159,7 @@ class GuestAgentSimulator:
             key_provider.kms_root_pubkey(),
             state_dir,
             instance_seed=instance_seed,
-            os_image_hash=os_image_hash,
+            os_image=os_image,
         )
         agent.obtain_app_key(key_provider)
         return agent
@@ -168,16 +173,18 @@ class GuestAgentSimulator:
         state_dir: str | os.PathLike[str],
         *,
         instance_seed: bytes | None = None,
-        os_image_hash: bytes = SIMULATED_OS_IMAGE_HASH,
+        os_image: SimulatedOsImage = SIMULATED_OS_IMAGE,
     ) -> GuestAgentSimulator:
-        """Measure dstack's boot events into a fresh simulated RTMR3 (no app key yet).
+        """Boot ``os_image`` (its MRTD and RTMR0-2) and measure dstack's boot events into a fresh simulated RTMR3
+        (no app key yet).
 
         ``instance_seed`` defaults to 32 random bytes; ``state_dir`` holds the simulated platform.
         """
+        if not isinstance(os_image, SimulatedOsImage):
+            raise TypeError("os_image must be a SimulatedOsImage")
         for name, value, size in (
             ("app_id", app_id, 20),
             ("kms_root_pubkey", kms_root_pubkey, 33),
-            ("os_image_hash", os_image_hash, 32),
             ("app_compose_bytes", app_compose_bytes, None),
         ):
             if not isinstance(value, bytes):
@@ -193,7 +200,7 @@ class GuestAgentSimulator:
             ("compose-hash", hashlib.sha256(app_compose_bytes).digest()),
             ("instance-id", hashlib.sha256(seed + app_id).digest()[:20]),
             ("boot-mr-done", b""),
-            ("os-image-hash", os_image_hash),
+            ("os-image-hash", os_image.os_image_hash),
             ("key-provider", key_provider),
             ("system-ready", b""),
         ]
@@ -203,6 +210,7 @@ class GuestAgentSimulator:
             app_id=app_id,
             kms_root_pubkey=kms_root_pubkey,
             boot_events=[RuntimeEvent.measure(name, payload) for name, payload in measured],
+            os_image=os_image,
         )
 
     # ---- measurements and quotes ---------------------------------------------------------------
@@ -224,7 +232,8 @@ class GuestAgentSimulator:
         with self._lock:
             rtmr3, events = self._rtmr3, list(self._events)
         quote = self._platform.make_quote(
-            report_data.ljust(64, b"\0"), rtmr3=rtmr3, mr_config_id=mr_config_id_v1(self._compose_hash)
+            report_data.ljust(64, b"\0"), rtmr3=rtmr3, mr_config_id=mr_config_id_v1(self._compose_hash),
+            **self._os_registers,
         )
         return quote, event_log_json(events)
 

@@ -3,7 +3,8 @@
 Routes (docs/design.md, "dstack formats"): ``POST /<Method>`` with a JSON body, ``GET /<Method>?<query>``, and
 the pRPC aliases ``/prpc/<Method>`` and ``/prpc/DstackGuest.<Method>``, for GetKey, GetQuote, Info,
 EmitEvent, Sign, Verify and Version. Errors answer ``{"error": "..."}``: 400 for a bad request, 404 for
-an unknown method, 503 while the app key has not been obtained.
+an unknown method, 413 for a body over 1 MiB, 503 while the app key has not been obtained. A body nested deeper
+than 64 levels is a bad request (400), refused before it is decoded.
 
 The socket is created mode 0600 (uvicorn's own ``--uds`` makes it 0666): whoever can connect can
 ask for the app's keys.
@@ -28,6 +29,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from compose.http_limits import MIB, BodyLimit, guard
 from cvm.agent_sim import schemas
 from cvm.agent_sim.agent import AgentSimError, AppKeyNotReady, GuestAgentSimulator
 from cvm.agent_sim.keys import SIGN_ALGORITHMS, normalize_algorithm, verify_data
@@ -37,6 +39,9 @@ __all__ = ["SIMULATOR_VERSION", "AgentServer", "create_app"]
 SIMULATOR_VERSION = "0.5.4-sealroom-simulated"
 _REVISION = "sealroom-agent-sim"
 _CLOUD_VENDOR = "Sealroom (SIMULATED TDX)"
+# Every method takes a few hex fields (Sign's data, an event's payload); more than this is refused with 413, and
+# a body nested deeper than compose.safe_parse.MAX_NESTING with 400, before any JSON is decoded.
+MAX_BODY_BYTES = 1 * MIB
 _TCB_INFO_FIELDS = (
     "mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_aggregated", "os_image_hash", "compose_hash", "device_id",
     "event_log", "app_compose",
@@ -73,7 +78,8 @@ def create_app(agent: GuestAgentSimulator) -> FastAPI:
 
     app.add_api_route("/{method}", call, methods=["GET", "POST"])
     app.add_api_route("/prpc/{method}", call, methods=["GET", "POST"])
-    return app
+    return guard(app, lambda _method, _path: BodyLimit(MAX_BODY_BYTES),
+                 error_body=lambda _status, message: schemas.ErrorResponse(error=message).model_dump())
 
 
 Handler = Callable[[Any], BaseModel]

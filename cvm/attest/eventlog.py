@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from compose import safe_parse
 from cvm.attest.tdx_quote import AttestationError
 
 __all__ = [
@@ -122,9 +123,13 @@ class RuntimeEvent:
     @property
     def digest_matches_payload(self) -> bool:
         """True when this is a dstack runtime event whose digest is the V1 digest of its payload."""
-        return self.event_type == DSTACK_RUNTIME_EVENT_TYPE and hmac.compare_digest(
-            self.digest, runtime_event_digest(self.name, self.payload)
-        )
+        if self.event_type != DSTACK_RUNTIME_EVENT_TYPE:
+            return False
+        try:
+            expected = runtime_event_digest(self.name, self.payload)
+        except ValueError:  # an empty name, or one UTF-8 cannot encode (a lone surrogate): no digest matches it
+            return False
+        return hmac.compare_digest(self.digest, expected)
 
     def to_entry(self) -> dict[str, Any]:
         """dstack's event-log entry: ``{imr, event_type, digest, event, event_payload}`` (hex)."""
@@ -159,8 +164,8 @@ def parse_event_log(event_log: str | bytes | Sequence[Mapping[str, Any]]) -> lis
     """Parse dstack's event log: the JSON string GetQuote returns, or the already-decoded list."""
     if isinstance(event_log, (str, bytes)):
         try:
-            event_log = json.loads(event_log)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            event_log = safe_parse.loads(event_log)
+        except ValueError:  # JSONDecodeError (nested too deep is one), UnicodeDecodeError, an int over 4300 digits
             raise EventLogMismatch("the event log is not valid JSON") from None
     if not isinstance(event_log, Sequence) or isinstance(event_log, (str, bytes)):
         raise EventLogMismatch("the event log is not a JSON list")
@@ -252,8 +257,8 @@ def _boot_values(boot_events: list[RuntimeEvent]) -> dict[str, bytes]:
 
 def _parse_key_provider(payload: bytes) -> dict[str, Any]:
     try:
-        parsed = json.loads(payload)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        parsed = safe_parse.loads(payload)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError, an int over 4300 digits
         raise EventLogMismatch("the key-provider payload is not JSON") from None
     if not isinstance(parsed, dict):
         raise EventLogMismatch("the key-provider payload is not a JSON object")

@@ -11,8 +11,14 @@ What is simulated and how (so nothing is mistaken for a measurement of real hard
   the shape of Intel's SGX root → platform CA → PCK chain; the PCK key signs the QE report.
 - Quoting enclave: an attestation key (P-256) bound by the QE report's report_data
   (``sha256(attestation_key ‖ qe_auth_data) ‖ 32 zero bytes``), as DCAP specifies.
-- TD measurements: MRTD and the RTMR0-2 boot events are sha384 of labelled strings (constants
-  below); RTMR3 is whatever the caller measured; header user_data says ``sealroom-simulated``.
+- The OS image: a :class:`SimulatedOsImage` is described the way a dstack OS release is, by its
+  ``sha256sum.txt`` (simulated firmware, kernel, initrd, metadata with the kernel command line, rootfs);
+  ``os_image_hash = sha256(sha256sum.txt)``, and MRTD and the RTMR0-2 boot events are computed from the listed
+  digests (MRTD from the firmware, RTMR0 from the firmware configuration, RTMR1 from the kernel, RTMR2 from the
+  command line and the initrd), so another image boots to other measurements. Its
+  :meth:`~SimulatedOsImage.measurement_record` is what an operator registers (:mod:`cvm.attest.os_image`).
+- TD measurements: the booted image's MRTD and RTMR0-2; RTMR3 is whatever the caller measured; header user_data
+  says ``sealroom-simulated``.
 
 The platform's private keys are stored in ``state_dir`` in a 0600 file; they are simulation keys,
 not user secrets.
@@ -33,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from cvm.attest.eventlog import RuntimeEvent, replay_rtmr
+from cvm.attest.os_image import OsMeasurement
 from cvm.attest.tdx_quote import (
     ATTESTATION_KEY_TYPE_ECDSA_P256,
     TEE_TYPE_TDX,
@@ -49,12 +56,14 @@ __all__ = [
     "SIMULATED_BOOT_EVENTS",
     "SIMULATED_DEVICE_ID",
     "SIMULATED_MRTD",
+    "SIMULATED_OS_IMAGE",
     "SIMULATED_OS_IMAGE_HASH",
     "SIMULATED_QUOTE_USER_DATA",
     "SIMULATED_ROOT_CN",
     "SIMULATED_RTMR0",
     "SIMULATED_RTMR1",
     "SIMULATED_RTMR2",
+    "SimulatedOsImage",
     "SimulatedTdx",
     "mr_config_id_v1",
 ]
@@ -63,19 +72,93 @@ SIMULATED_ROOT_CN = "Sealroom SIMULATED TDX Root CA"
 _PLATFORM_CA_CN = "Sealroom SIMULATED TDX PCK Platform CA"
 _PCK_CN = "Sealroom SIMULATED TDX PCK Certificate"
 
-SIMULATED_MRTD = hashlib.sha384(b"sealroom simulated TDX: MRTD (virtual firmware)").digest()
 # EV_IPL-typed boot events for RTMR0-2, so an event-log replay of all four RTMRs (dstack-sdk's
 # replay_rtmrs) reproduces the quote, as it does on real dstack.
 _EV_IPL = 0x0000000D
-_BOOT_EVENT_LABELS = ((0, "simulated-firmware-config"), (1, "simulated-kernel"), (2, "simulated-initrd-cmdline"))
-SIMULATED_BOOT_EVENTS = tuple(
-    RuntimeEvent(name=label, payload=b"", digest=hashlib.sha384(label.encode()).digest(), imr=imr, event_type=_EV_IPL)
-    for imr, label in _BOOT_EVENT_LABELS
-)
-SIMULATED_RTMR0, SIMULATED_RTMR1, SIMULATED_RTMR2 = (
-    replay_rtmr(e.digest for e in SIMULATED_BOOT_EVENTS if e.imr == imr) for imr in range(3)
-)
-SIMULATED_OS_IMAGE_HASH = hashlib.sha256(b"sealroom simulated dstack OS image").digest()
+# The files of a simulated image, as a dstack OS release's sha256sum.txt lists them, and which boot event measures
+# them: (register, event label, files). The firmware also makes MRTD; the command line (metadata.json, which names
+# the rootfs's dm-verity root) and the initrd go to RTMR2, as on dstack.
+_FIRMWARE = "ovmf.fd"
+_BOOT_EVENTS = ((0, "simulated-firmware-config", (_FIRMWARE,)), (1, "simulated-kernel", ("bzImage",)),
+                (2, "simulated-initrd-cmdline", ("metadata.json", "initramfs.cpio.gz")))
+_LISTED_FILES = frozenset({file for _, _, files in _BOOT_EVENTS for file in files} | {"rootfs.img.verity"})
+
+
+@dataclass(frozen=True)
+class SimulatedOsImage:
+    """A SIMULATED dstack OS image, described by its ``sha256sum.txt``: one ``<sha256 hex>  <file>`` line per file
+    (``ovmf.fd``, ``bzImage``, ``initramfs.cpio.gz``, ``metadata.json`` and ``rootfs.img.verity``), sorted by file
+    name. Everything below is computed from that text, so changing one file's digest changes the image hash and the
+    register that file is measured into."""
+
+    name: str
+    version: str
+    sha256sum: str
+
+    def __post_init__(self) -> None:
+        listed = self.file_digests
+        if set(listed) != _LISTED_FILES:
+            raise ValueError(f"a simulated OS image lists exactly {', '.join(sorted(_LISTED_FILES))}")
+
+    @classmethod
+    def describe(cls, name: str, version: str, files: dict[str, bytes]) -> SimulatedOsImage:
+        """The image whose files have these contents (simulated: a few labelled bytes each)."""
+        lines = "".join(f"{hashlib.sha256(files[file]).hexdigest()}  {file}\n" for file in sorted(files))
+        return cls(name=name, version=version, sha256sum=lines)
+
+    @property
+    def file_digests(self) -> dict[str, bytes]:
+        digests: dict[str, bytes] = {}
+        for line in self.sha256sum.splitlines():
+            digest, _, file = line.partition("  ")
+            if len(digest) != 64 or not file or file in digests:
+                raise ValueError(f"not a sha256sum.txt line: {line!r}")
+            digests[file] = bytes.fromhex(digest)
+        return digests
+
+    @property
+    def os_image_hash(self) -> bytes:
+        """dstack's: ``sha256(sha256sum.txt)``."""
+        return hashlib.sha256(self.sha256sum.encode()).digest()
+
+    @property
+    def mrtd(self) -> bytes:
+        return hashlib.sha384(b"sealroom simulated TDX MRTD:" + self.file_digests[_FIRMWARE]).digest()
+
+    @property
+    def boot_events(self) -> tuple[RuntimeEvent, ...]:
+        """The RTMR0-2 event-log entries, one per register: digest ``sha384(label ‖ ":" ‖ the files' sha256s)``."""
+        digests = self.file_digests
+        return tuple(
+            RuntimeEvent(name=label, payload=b"", imr=imr, event_type=_EV_IPL,
+                         digest=hashlib.sha384(label.encode() + b":" + b"".join(digests[f] for f in files)).digest())
+            for imr, label, files in _BOOT_EVENTS
+        )
+
+    def rtmr(self, index: int) -> bytes:
+        return replay_rtmr(e.digest for e in self.boot_events if e.imr == index)
+
+    def measurement_record(self) -> OsMeasurement:
+        """This image's measurement record, as an operator registers it with the KMS (:mod:`cvm.attest.os_image`)."""
+        return OsMeasurement(
+            name=self.name, version=self.version, os_image_hash=self.os_image_hash, mrtd=self.mrtd,
+            rtmr0=self.rtmr(0), rtmr1=self.rtmr(1), rtmr2=self.rtmr(2), sha256sum=self.sha256sum,
+            source="SIMULATED: computed from the simulated image's sha256sum.txt by cvm.attest.simulated "
+                   "(proves nothing about hardware)",
+        )
+
+
+SIMULATED_OS_IMAGE = SimulatedOsImage.describe("sealroom-simulated-dstack-os", "0.5.4-sim", {
+    _FIRMWARE: b"sealroom simulated TDX virtual firmware (OVMF)",
+    "bzImage": b"sealroom simulated dstack kernel",
+    "initramfs.cpio.gz": b"sealroom simulated dstack initramfs",
+    "metadata.json": b'{"cmdline":"console=ttyS0 sealroom-simulated dstack.rootfs_hash=simulated"}',
+    "rootfs.img.verity": b"sealroom simulated dstack rootfs (dm-verity)",
+})
+SIMULATED_BOOT_EVENTS = SIMULATED_OS_IMAGE.boot_events
+SIMULATED_MRTD = SIMULATED_OS_IMAGE.mrtd
+SIMULATED_RTMR0, SIMULATED_RTMR1, SIMULATED_RTMR2 = (SIMULATED_OS_IMAGE.rtmr(index) for index in range(3))
+SIMULATED_OS_IMAGE_HASH = SIMULATED_OS_IMAGE.os_image_hash
 SIMULATED_DEVICE_ID = hashlib.sha256(b"sealroom-simulated-device").digest()
 SIMULATED_QUOTE_USER_DATA = b"sealroom-simulated".ljust(20, b"\0")
 

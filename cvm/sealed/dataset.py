@@ -6,6 +6,8 @@ Safe recipes — the only names this module exports:
   fresh random data key, wrap that key to the KMS-issued owner sealing key of (app_id, compose_hash,
   owner), sign the envelope with the owner's secp256k1 key, and write one ``*.sealed`` file.
 * ``read_envelope(path)`` — the public, signature-checked description of a sealed file.
+* ``verify_payload(path)`` — the same, and the payload re-hashed against the signed ``ciphertext_sha256``
+  (streamed, no key): run it before anything is spent on opening the file.
 * ``open_sealed(path, owner_seal_private_key, …)`` — the CVM side: check signature and recipe binding,
   unwrap, and decrypt into memory only (``OpenedDataset.to_arrow()/.to_numpy()/.to_torch()``).
 
@@ -20,6 +22,7 @@ Errors (defined in ``cvm.sealed.errors``)::
     ├── UnsupportedFormatVersion     another sealroom.sealed version
     ├── EnvelopeSignatureInvalid     bad owner signature, or signed by someone other than the owner
     ├── SealedForAnotherRecipe       bound to another app_id / compose hash than expected
+    ├── PayloadDigestMismatch        the payload does not hash to the signed ciphertext_sha256
     ├── DecryptionFailed             wrong key or altered payload; opaque, no partial plaintext
     └── InputChangedWhileSealing     the input changed size while being sealed; nothing written
 
@@ -29,6 +32,7 @@ Caller mistakes raise ``TypeError`` / ``ValueError``; OS failures propagate as `
 from __future__ import annotations
 
 import contextlib
+import hmac
 import mmap
 import os
 import tempfile
@@ -60,6 +64,7 @@ from .errors import (
     EnvelopeSignatureInvalid,
     InputChangedWhileSealing,
     MalformedSealedFile,
+    PayloadDigestMismatch,
     SealedFileError,
     SealedForAnotherRecipe,
     UnsupportedFormatVersion,
@@ -72,7 +77,13 @@ from .keywrap import (
     wrap_data_key,
 )
 from .source import inspect_source
-from .stream import chunk_count, decrypt_stream, encrypt_stream
+from .stream import (
+    chunk_count,
+    decrypt_stream,
+    encrypt_stream,
+    hash_stream,
+    payload_length,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -96,6 +107,8 @@ __all__ = [
     "read_envelope",
     "seal_file",
 ]
+# Also public, and to join __all__ (and cvm.sealed's re-exports) once tests/test_sealed_file.py and
+# tests/test_public_api.py pin them: verify_payload, PayloadDigestMismatch.
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 SealedSource = str | os.PathLike[str] | BinaryIO
@@ -214,12 +227,35 @@ def read_envelope(source: SealedSource) -> Envelope:
     """Parse a sealed file's envelope and verify the owner signature (signer recovered == envelope owner).
 
     ``source`` is a path or a seekable binary file object. Raises ``MalformedSealedFile``,
-    ``UnsupportedFormatVersion`` or ``EnvelopeSignatureInvalid``. It does not decrypt, so it does not
-    check the payload against ``ciphertext_sha256`` — ``open_sealed`` does.
+    ``UnsupportedFormatVersion`` or ``EnvelopeSignatureInvalid``. It reads only the head and tail, so it
+    does not check the payload against ``ciphertext_sha256``: ``verify_payload`` and ``open_sealed`` do.
     """
     with _binary_stream(source) as stream:
         envelope = read_envelope_unverified(stream)
     verify_envelope_signature(envelope)
+    return envelope
+
+
+def verify_payload(source: SealedSource) -> Envelope:
+    """``read_envelope``, then re-hash the payload and check it against the owner-signed ``ciphertext_sha256``.
+
+    Needs no key and decrypts nothing: the payload streams through two fixed buffers and is hashed on a second
+    thread (``cvm.sealed.stream.hash_stream``), so memory does not grow with the file. Returns the envelope;
+    raises what ``read_envelope`` raises, and ``PayloadDigestMismatch`` when the payload is not the one the
+    owner signed (damaged or altered after sealing). ``open_sealed`` checks the same digest while it decrypts;
+    this is the check to run first, before a key is asked for and budget is spent.
+    """
+    with _binary_stream(source) as stream:
+        envelope = read_envelope_unverified(stream)
+        verify_envelope_signature(envelope)
+        header = envelope.header
+        stream.seek(envelope.payload_offset)
+        digest = hash_stream(stream, payload_length(header.plaintext_bytes, header.chunk_size))
+    if not hmac.compare_digest(digest, envelope.ciphertext_sha256):
+        raise PayloadDigestMismatch(
+            f"the payload does not hash to the ciphertext_sha256 its owner signed (signed "
+            f"{envelope.ciphertext_sha256.hex()}, found {digest.hex()}): the file was damaged or altered after sealing"
+        )
     return envelope
 
 

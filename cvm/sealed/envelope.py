@@ -43,6 +43,8 @@ from eth_keys.constants import SECPK1_N
 from eth_keys.exceptions import BadSignature
 from eth_utils import keccak, to_checksum_address
 
+from compose import safe_parse
+
 from .errors import (
     EnvelopeSignatureInvalid,
     MalformedSealedFile,
@@ -283,7 +285,11 @@ def _decode_head(raw: bytes) -> tuple[EnvelopeHeader, WrappedKey]:
     )
     # One comparison enforces every encoding rule at once: key order, no whitespace, lowercase hex,
     # EIP-55 case, the time format. A value has exactly one accepted byte string.
-    if _head_block(header, wrapped_key) != raw:
+    try:
+        canonical = _head_block(header, wrapped_key)
+    except UnicodeEncodeError:  # a schema string with a lone surrogate (a \ud800 escape): UTF-8 cannot hold it
+        raise MalformedSealedFile("head block holds text that is not valid Unicode") from None
+    if canonical != raw:
         raise MalformedSealedFile("head block is not in canonical encoding")
     return header, wrapped_key
 
@@ -298,7 +304,9 @@ def _decode_tail(raw: bytes) -> tuple[int, bytes, bytes]:
 
 def _json_object(raw: bytes, name: str, keys_expected: frozenset[str]) -> dict[str, Any]:
     try:
-        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        value = safe_parse.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except safe_parse.TooDeeplyNested as deep:
+        raise MalformedSealedFile(f"{name} block: {deep}") from None
     except (UnicodeDecodeError, ValueError):  # JSONDecodeError is a ValueError
         raise MalformedSealedFile(f"{name} block is not valid UTF-8 JSON") from None
     if not isinstance(value, dict) or value.keys() != keys_expected:

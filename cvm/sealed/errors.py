@@ -9,6 +9,8 @@
     ├── EnvelopeSignatureInvalid     the owner signature does not verify, or it was made by someone
     │                                other than the owner the envelope names
     ├── SealedForAnotherRecipe       sealed for another app_id / compose_hash than the caller expects
+    ├── PayloadDigestMismatch        the payload does not hash to the owner-signed ciphertext_sha256 (found
+    │                                by ``verify_payload``, with no key, before anything is decrypted)
     ├── DecryptionFailed             the data key cannot be unwrapped (wrong key) or the payload is not
     │                                exactly what the owner sealed; deliberately says no more than that
     └── InputChangedWhileSealing     the input file changed size while it was being sealed
@@ -25,6 +27,7 @@ __all__ = [
     "EnvelopeSignatureInvalid",
     "InputChangedWhileSealing",
     "MalformedSealedFile",
+    "PayloadDigestMismatch",
     "SealedFileError",
     "SealedForAnotherRecipe",
     "UnsupportedFormatVersion",
@@ -49,6 +52,13 @@ class EnvelopeSignatureInvalid(SealedFileError):
 
 class SealedForAnotherRecipe(SealedFileError):
     """The file is bound to another app_id or compose hash than the one expected."""
+
+
+class PayloadDigestMismatch(SealedFileError):
+    """The payload's SHA-256 differs from the ``ciphertext_sha256`` the owner signed: damaged or altered.
+
+    The digest is public (it is in the signed envelope), so saying which check failed gives nothing away.
+    """
 
 
 class DecryptionFailed(SealedFileError):

@@ -13,7 +13,8 @@ ciphertext ‖ 16-byte tag, back to back with nothing in between, in the spirit 
 Both directions stream with fixed, reused buffers (memory independent of the plaintext size), use
 pyca/cryptography's ``encrypt_into`` / ``decrypt_into`` to avoid per-chunk allocations, and feed the
 SHA-256 of the ciphertext from a second thread: hashing is the slowest step and runs on the other
-core while this one reads, encrypts and writes.
+core while this one reads, encrypts and writes. ``hash_stream`` is the same hashing without a key: it
+checks a payload against its signed digest before anything is decrypted (or spent).
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from typing import BinaryIO
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .errors import DecryptionFailed, InputChangedWhileSealing
+from .errors import DecryptionFailed, InputChangedWhileSealing, MalformedSealedFile
 
 TAG_BYTES = 16
 _FINAL_CHUNK_FLAG = 1
+_HASH_BUFFER_BYTES = 4 << 20  # per buffer, two of them: the memory of a keyless hash, whatever the file size
 
 
 def chunk_count(plaintext_bytes: int, chunk_size: int) -> int:
@@ -125,6 +127,25 @@ def _decrypt_chunks(source: BinaryIO, plaintext: memoryview, aead: AESGCM, aad: 
             ciphertext.hash(chunk)
             aead.decrypt_into(chunk_nonce(index, final=index == count - 1), chunk, aad, plaintext[start : start + size])
         return ciphertext.digest()
+
+
+def hash_stream(source: BinaryIO, length: int, *, buffer_size: int = _HASH_BUFFER_BYTES) -> bytes:
+    """SHA-256 of the next ``length`` bytes of ``source``, with constant memory (two reused buffers).
+
+    The same pipeline as encryption and decryption (``_HashedBuffers``): one buffer is hashed on the worker
+    thread while the next is read. Raises ``MalformedSealedFile`` if ``source`` ends before ``length`` bytes.
+    """
+    remaining = length
+    with _HashedBuffers(min(buffer_size, length)) as buffers:
+        index = 0
+        while remaining:
+            piece = buffers.take(index, min(buffer_size, remaining))
+            if _read_into(source, piece) != len(piece):
+                raise MalformedSealedFile("the payload is shorter than its header declares (truncated)")
+            buffers.hash(piece)
+            remaining -= len(piece)
+            index += 1
+        return buffers.digest()
 
 
 class _HashedBuffers:

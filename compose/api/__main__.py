@@ -1,0 +1,5 @@
+import sys
+
+from compose.api.serve import main
+
+sys.exit(main())
