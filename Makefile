@@ -1,5 +1,6 @@
 # The two commands a new user needs (see README):
-#   make demo   set up everything, then run the demo study on the embedded local stack
+#   make demo   set up everything, then run the demo study on the embedded local stack, in a container of the
+#               pinned study image; its receipt is verified with `seal verify --rebuild` of this checkout
 #   make test   set up everything, then run the whole test suite (forge + pytest)
 .PHONY: setup demo test bench clean
 
@@ -7,7 +8,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/seal demo
+	.venv/bin/seal demo --backend container
 
 test: setup
 	cd contracts && ../tools/node_modules/.bin/forge test --offline

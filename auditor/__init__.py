@@ -2,7 +2,8 @@
 
 - :mod:`auditor.verify`: :func:`~auditor.verify.verify_receipt`, the entry point, and what callers import;
 - :mod:`auditor.receipt`: loading attestation.json and its evidence, parsed once into immutable values;
-- :mod:`auditor.links`: one module per link of the seven-link checklist;
+- :mod:`auditor.links`: one module per link of the seven-link checklist (and link 8, ``image``, with a rebuild);
+- :mod:`auditor.rebuild`: the study image rebuilt from a source tree (``seal verify --rebuild SOURCE``);
 - :mod:`auditor.report`: the per-link results and the verdict; :mod:`auditor.render`: the printed checklist.
 
 Errors::

@@ -37,6 +37,7 @@ __all__ = [
     "ReleaseRef",
     "SignatureSection",
     "Spent",
+    "StateProof",
     "check_format",
     "load_receipt",
     "parse_receipt",
@@ -112,6 +113,19 @@ class Field(Generic[T]):
 
 
 @dataclass(frozen=True)
+class StateProof:
+    """``chain.state_proof``: the chain's state at the recorded block, as proofs (contracts/storage.py) — the block
+    header's RLP fields, the DstackApp's account proof and code, which of its releases is the run's, and storage
+    proofs by slot. Proofs, not facts: link 4 checks them against a block hash the auditor trusts."""
+
+    block_header: tuple[bytes, ...]
+    account_proof: tuple[bytes, ...]
+    code: bytes
+    release_index: int
+    storage_proofs: Mapping[int, tuple[bytes, ...]]  # slot number -> the proof's nodes
+
+
+@dataclass(frozen=True)
 class ChainSection:
     """``chain``: where the study lives on-chain and what the chain said at run time (the receipt's word)."""
 
@@ -121,6 +135,7 @@ class ChainSection:
     kms_root_address: Field[str]
     block: Field[int]
     approvals: Field[tuple]  # frozen JSON, compared with the chain's ComposeHashApproved events
+    state_proof: Field[StateProof]
 
 
 @dataclass(frozen=True)
@@ -244,7 +259,35 @@ def _chain_section(recorded: dict) -> ChainSection:
         kms_root_address=_read(recorded, "kms_root_address", str, "chain.kms_root_address"),
         block=_read(recorded, "block", int, "chain.block"),
         approvals=_frozen(_read(recorded, "approvals", list, "chain.approvals")),
+        state_proof=_then(_read(recorded, "state_proof", dict, "chain.state_proof"), _state_proof),
     )
+
+
+def _state_proof(proof: dict) -> StateProof:
+    where = "chain.state_proof"
+
+    def hex_list(items: Any, at: str) -> tuple[bytes, ...]:
+        if not isinstance(items, list):
+            raise Broken(f"{at} is not a list")
+        return tuple(_hex(Field(item) if isinstance(item, str) else Field(problem=f"{at}[{i}] is not a string"),
+                          f"{at}[{i}]").get() for i, item in enumerate(items))
+
+    header = hex_list(_read(proof, "block_header", list, f"{where}.block_header").get(), f"{where}.block_header")
+    account = hex_list(_read(proof, "account_proof", list, f"{where}.account_proof").get(), f"{where}.account_proof")
+    code = _hex(_read(proof, "code", str, f"{where}.code"), f"{where}.code").get()
+    index = _read(proof, "release_index", int, f"{where}.release_index").get()
+    if index < 0:
+        raise Broken(f"{where}.release_index is negative")
+    storage: dict[int, tuple[bytes, ...]] = {}
+    for i, item in enumerate(_read(proof, "storage_proofs", list, f"{where}.storage_proofs").get()):
+        at = f"{where}.storage_proofs[{i}]"
+        if not isinstance(item, dict):
+            raise Broken(f"{at} is not an object")
+        slot = int.from_bytes(_hex(_read(item, "slot", str, f"{at}.slot"), f"{at}.slot", size=32).get(), "big")
+        if slot in storage:
+            raise Broken(f"{at} proves slot 0x{slot:064x} again")
+        storage[slot] = hex_list(_read(item, "proof", list, f"{at}.proof").get(), f"{at}.proof")
+    return StateProof(header, account, code, index, MappingProxyType(storage))
 
 
 def _envelope(envelope: dict) -> Envelope:

@@ -1,4 +1,5 @@
-"""The auditor's report: one result per link of the checklist, and the verdict over all seven."""
+"""The auditor's report: one result per link of the checklist, and the verdict over all of them (seven, and link 8
+when the study image was rebuilt)."""
 
 from __future__ import annotations
 

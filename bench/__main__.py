@@ -12,6 +12,7 @@ BENCHES = {
     "study": "bench.study_bench",      # 1.6M rows: machinery share, plaintext baseline, DP vs non-private AUC
     "dp": "bench.dp_model_bench",      # DP-SGD vs non-private, logistic and MLP
     "fed": "bench.fed_bench",          # rounds of 10/100/1000 × 1M updates vs Flower SecAgg+
+    "image": "bench.image_bench",      # study image build cold/warm; first attestation, container vs process
 }
 
 

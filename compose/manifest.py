@@ -12,7 +12,8 @@ pure functions check what only the analysis knows, before any budget is at stake
 
 * ``validate_manifest(manifest)``: ``analysis.params`` against the analysis kind's parameter schema
   (``cvm.analyses.params``: unknown settings, wrong types, out-of-range values), the output type the kind
-  releases, and δ > 0 for DP-SGD. The API calls it before it proposes a compose hash on-chain.
+  releases, δ > 0 for DP-SGD, and no value still reading ``FILL IN`` (``UNFILLED``: the mark `seal study new`
+  puts on the bounds only the analyst can choose). The API calls it before it proposes a compose hash on-chain.
 * ``check_inputs_against_manifest(manifest, envelopes)``: the sealed inputs' public, owner-signed envelopes
   (schema, row counts) against the manifest: one file per input, the same columns in every input (they are
   joined row by row), each column the analysis reads present with the type it needs, the rows within the
@@ -145,6 +146,25 @@ class StudyManifest(_Closed):
 
 # ----------------------------------------------------------------------------------------- before any spend
 
+# The mark a starter recipe (`seal study new`) puts on every value only the analyst can choose (bounds, ε, δ, the
+# label): a string starting with it is never accepted, even where a string would type-check (a label, a name).
+UNFILLED = "FILL IN"
+
+
+def unfilled_fields(value: Any, where: str) -> list[tuple[str, str]]:
+    """(field, placeholder) for every string in ``value`` (JSON-like) that still starts with :data:`UNFILLED`."""
+    if isinstance(value, str):
+        return [(where, value)] if value.lstrip().startswith(UNFILLED) else []
+    found: list[tuple[str, str]] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += unfilled_fields(key, f"{where}.{key}") + unfilled_fields(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found += unfilled_fields(item, f"{where}[{index}]")
+    return found
+
+
 # What each analysis kind releases; the output gate refuses any other type, after the budget is spent.
 OUTPUT_TYPE_OF_KIND: dict[str, str] = {"dp_stats": "aggregate_stats", "dp_sgd": "model_weights",
                                        "fed_round": "round_record"}
@@ -190,11 +210,14 @@ def validate_manifest(manifest: StudyManifest) -> Any:
     Pure (no I/O, no chain). Refused with ``ManifestInvalid`` naming each field: a setting the kind does not
     have, a wrong type, an out-of-range or non-finite value, a missing required setting
     (``analysis.params.…``); an ``output_type`` other than the one the kind releases; δ = 0 for ``dp_sgd``
-    (its Gaussian mechanism needs δ > 0).
+    (its Gaussian mechanism needs δ > 0); a value still reading ``FILL IN…`` (:data:`UNFILLED`).
     """
     from cvm.analyses.params import ParamsInvalid, parse_params
 
-    problems: list[tuple[str, str]] = []
+    problems: list[tuple[str, str]] = [
+        (field, f"not filled in: {text}") for field, text in unfilled_fields(manifest.model_dump(mode="json"), "")]
+    problems = [(field.removeprefix("."), reason) for field, reason in problems]
+    unfilled = {field for field, _ in problems}
     kind = manifest.analysis.kind
     expected_output = OUTPUT_TYPE_OF_KIND[kind]
     if manifest.output_type != expected_output:
@@ -206,7 +229,7 @@ def validate_manifest(manifest: StudyManifest) -> Any:
     try:
         parsed = parse_params(kind, manifest.analysis.params, where="analysis.params")
     except ParamsInvalid as invalid:
-        problems += invalid.problems
+        problems += [(field, reason) for field, reason in invalid.problems if field not in unfilled]
     if problems:
         raise ManifestInvalid(problems)
     return parsed

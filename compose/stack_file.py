@@ -40,11 +40,19 @@ def default_state_dir() -> Path:
     return Path(os.environ.get("SEALROOM_HOME", ".sealroom")).resolve()
 
 
+OWNER_KINDS = ("dev", "keystore", "address")
+
+
 @dataclass
 class OwnerEntry:
+    """One owner of the study. ``kind``: "dev", a key the stack generated, in a keystore under the published dev
+    password; "keystore", the owner's own keystore (its password is theirs: SEAL_KEYSTORE_PASSWORD); "address", an
+    owner known here by address only, who signs with their own key elsewhere (``keystore`` is empty)."""
+
     name: str
     address: str
     keystore: str
+    kind: str = "dev"
 
 
 @dataclass
@@ -63,6 +71,9 @@ class StackDescription:
     dev_keystore_password: str = DEV_KEYSTORE_PASSWORD
     supervisor_pid: int = 0
     services: dict = field(default_factory=dict)
+    study: str = ""
+    chain: str = "embedded"      # "embedded": the stack's own anvil; "external": a node it does not run
+    confirmations: int = 0       # blocks on top before a transaction counts; state is read at latest − this
 
     def save(self, state_dir: Path) -> Path:
         path = state_dir / STACK_FILE
@@ -110,6 +121,15 @@ class StackDeployment:
     api_proposer_keystore: str = ""
     last_urls: dict = field(default_factory=dict)
     format: str = DEPLOYMENT_FORMAT
+    # From a consortium file (`seal up --consortium`); the defaults are the embedded dev stack's.
+    study: str = ""
+    rpc_url: str = ""             # an external chain's JSON-RPC URL; empty: the embedded anvil
+    confirmations: int = 0
+    deployer: str = ""            # the account that deployed the contracts and funds the stack's service accounts
+    deployer_keystore: str = ""   # absolute; its password from $SEAL_DEPLOYER_PASSWORD, never stored
+    # What encrypts the KMS signer's and API proposer's keystores: "dev" (the published dev password, the embedded
+    # chain) or "kms-passphrase" (the KMS root passphrase, on an external chain, where these accounts hold funds).
+    service_keystores: str = "dev"
 
     def save(self, state_dir: Path) -> Path:
         path = state_dir / DEPLOYMENT_FILE

@@ -3,6 +3,13 @@
 Every transaction is signed locally (owners' keys never go to the node) and simulated first through gas
 estimation, so a transaction the contract would refuse is never sent: a refusal changes nothing on-chain.
 
+On a chain that is not the embedded dev chain, a transaction counts once ``confirmations`` blocks have been mined
+on top of the block that holds it (`Chain(confirmations=…)`; 0: as soon as it is mined), and readers that must not
+act on a state a reorganisation could undo read at `Chain.confirmed_block()` (latest − confirmations). Nonces are
+kept per sender in this process (`NonceBook`): one sender's transactions are numbered under a lock from a locally
+tracked nonce, so concurrent owners, relayers and the KMS never send two transactions with one nonce; on a nonce
+error the count is resynced from the chain's pending transaction count and the transaction is sent again.
+
 Exception tree::
 
     ChainError
@@ -27,6 +34,9 @@ Epsilon is kept on-chain as micro-epsilon integers (`EPSILON_SCALE`); these bind
 from __future__ import annotations
 
 import json
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -41,7 +51,14 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import keccak, to_checksum_address
 from eth_utils.abi import get_abi_output_types
 from web3 import HTTPProvider, Web3
-from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted, Web3RPCError
+from web3.exceptions import (
+    ContractCustomError,
+    ContractLogicError,
+    TimeExhausted,
+    TransactionIndexingInProgress,
+    TransactionNotFound,
+    Web3RPCError,
+)
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 EPSILON_SCALE = 10**6
@@ -151,7 +168,7 @@ def _decode_revert(artifact: str, data: Any, message: str | None) -> ContractRev
         data = data.get("data")
     if isinstance(data, str) and data.startswith("0x") and len(data) >= 10:
         raw = bytes.fromhex(data[2:])
-        found = _error_selectors(artifact).get(raw[:4])
+        found = _error_selectors(artifact).get(raw[:4]) if artifact else None
         if found:
             name, types = found
             args = eth_abi.decode(types, raw[4:])
@@ -193,13 +210,73 @@ class BudgetStatus:
                 "epsilon_remaining": self.remaining_micro / EPSILON_SCALE}
 
 
-class Chain:
-    """A connection to an EVM node, sending locally signed transactions."""
+class _Sender:
+    """One sender's slot in a `NonceBook`: its lock, and the next nonce to use (None: ask the chain)."""
 
-    def __init__(self, rpc_url: str, *, timeout_s: float = 10.0):
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.nonce: int | None = None
+
+
+class NonceBook:
+    """The next nonce of each sender, per chain, for this process. A chain is its chain id and its genesis block's
+    hash: two connections to one chain (another URL, a node restarted with its state) share a sender's count, and a
+    new dev chain with the same chain id (a fresh anvil) starts its own.
+
+    A sender's transactions are numbered one at a time under that sender's lock, each from the chain's pending
+    transaction count read under the lock: the pending count includes this process's own transactions that are
+    sent but not yet mined, so two threads sending for one owner (or the KMS answering two runs at once) get
+    consecutive nonces. The count is read afresh for every transaction rather than carried from the last one:
+    a carried count goes stale when the chain moves back (a dev chain's snapshot revert, a node restarted from
+    older state) and then strands every later transaction in the pool. A node that says the nonce is taken (another
+    process sent from the same account in between) gets the transaction renumbered from a fresh count."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._senders: dict[tuple[int, str], _Sender] = {}
+
+    def slot(self, chain: int | tuple, address: str) -> _Sender:
+        """``chain``: `Chain.identity` (a chain id alone stands for any chain with that id)."""
+        key = (chain if isinstance(chain, tuple) else (chain,), address.lower())
+        with self._lock:
+            return self._senders.setdefault(key, _Sender())
+
+    def forget(self, chain: int | tuple, address: str) -> None:
+        """Ask the chain again next time (after an error, or when another process used the account)."""
+        self.slot(chain, address).nonce = None
+
+
+NONCES = NonceBook()
+# A node's error message that means "that nonce is taken or wrong": resync and send again.
+_NONCE_TROUBLE = ("nonce too low", "nonce too high", "invalid nonce", "nonce has already been used",
+                  "replacement transaction underpriced", "already exists in the pool", "nonce is too low")
+_ALREADY_SENT = ("already known", "already imported", "known transaction")
+_NONCE_RETRIES = 3
+
+
+def _rpc_message(exc: Web3RPCError) -> str:
+    detail = exc.rpc_response.get("error", {}).get("message") if isinstance(exc.rpc_response, dict) else None
+    return str(detail or exc.message or exc)
+
+
+class Chain:
+    """A connection to an EVM node, sending locally signed transactions.
+
+    ``confirmations``: how many blocks must be mined on top of a transaction's block before `transact` returns
+    (0: return once it is mined), and how far behind the latest block `confirmed_block` reads. ``tx_timeout_s``:
+    how long a transaction may take to be mined and confirmed."""
+
+    def __init__(self, rpc_url: str, *, timeout_s: float = 10.0, confirmations: int = 0,
+                 tx_timeout_s: float = 30.0, poll_s: float | None = None):
+        if not (isinstance(confirmations, int) and confirmations >= 0):
+            raise ValueError(f"confirmations must be a whole number >= 0, got {confirmations!r}")
         self.rpc_url = rpc_url
+        self.confirmations = confirmations
+        self.tx_timeout_s = tx_timeout_s
+        self.poll_s = poll_s if poll_s is not None else (0.1 if confirmations == 0 else 0.5)
         self.w3 = Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": timeout_s}))
         self._http = httpx.Client(timeout=timeout_s)
+        self._identity: tuple | None = None
         try:
             self.chain_id = self.w3.eth.chain_id
         except (requests.RequestException, Web3RPCError, OSError) as exc:
@@ -214,6 +291,24 @@ class Chain:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def identity(self) -> tuple:
+        """(chain id, genesis block hash): what `NonceBook` keeps a sender's count for. Asked once, when needed."""
+        if self._identity is None:
+            self._identity = (self.chain_id, bytes(self.w3.eth.get_block(0)["hash"]))
+        return self._identity
+
+    def confirmed_block(self, confirmations: int | None = None) -> int | str:
+        """The block to read state that must not be undone at: latest − confirmations ("latest" when 0).
+        ``confirmations`` defaults to this connection's."""
+        depth = self.confirmations if confirmations is None else confirmations
+        if depth == 0:
+            return "latest"
+        try:
+            return max(0, self.w3.eth.block_number - depth)
+        except (requests.RequestException, OSError) as exc:
+            raise ChainUnreachable(self.rpc_url, type(exc).__name__) from None
+
     def deploy(self, artifact: str, args: Sequence[Any], sender: LocalAccount) -> str:
         meta = load_artifact(artifact)
         factory = self.w3.eth.contract(abi=meta["abi"], bytecode=meta["bytecode"])
@@ -221,29 +316,83 @@ class Chain:
         return receipt["contractAddress"]
 
     def transact(self, artifact: str, call: Any, sender: LocalAccount) -> Any:
-        """Simulate, sign and send one transaction; wait for its receipt. Reverts raise typed errors, sending nothing."""
+        """Simulate, sign and send one transaction; wait until it is mined and confirmed. Reverts raise typed
+        errors, sending nothing."""
+        return self._send(artifact, lambda nonce: call.build_transaction({
+            "from": sender.address, "nonce": nonce, "chainId": self.chain_id}), sender)
+
+    def _send(self, artifact: str, build: Callable[[int], dict], sender: LocalAccount) -> Any:
+        """Number, sign and send the transaction ``build(nonce)`` makes (under the sender's lock, see `NonceBook`),
+        then wait for it outside the lock, so that one sender's transactions are mined in the same blocks."""
+        slot = None
         try:
-            tx = call.build_transaction({
-                "from": sender.address,
-                "nonce": self.w3.eth.get_transaction_count(sender.address, "pending"),
-                "chainId": self.chain_id,
-            })
-            signed = sender.sign_transaction(tx)
-            tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
-            receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=30)
+            slot = NONCES.slot(self.identity, sender.address)
+            with slot.lock:
+                tx_hash = self._number_and_send(slot, build, sender)
+            receipt = self._await(tx_hash)
         except (ContractCustomError, ContractLogicError) as exc:
             raise _decode_revert(artifact, exc.data, exc.message) from None
         except (requests.RequestException, OSError) as exc:
+            if slot is not None:
+                slot.nonce = None   # whether it was sent is unknown: ask the chain next time
             raise ChainUnreachable(self.rpc_url, type(exc).__name__) from None
         except Web3RPCError as exc:
-            detail = exc.rpc_response.get("error", {}).get("message") if isinstance(exc.rpc_response, dict) else None
+            if slot is not None:
+                slot.nonce = None
             raise TransactionRejected(f"the chain refused the transaction from {sender.address}: "
-                                      f"{detail or exc.message or exc}") from None
+                                      f"{_rpc_message(exc)}") from None
         except TimeExhausted:
-            raise TransactionRejected(f"the transaction from {sender.address} was not mined within 30 s") from None
+            slot.nonce = None   # a transaction that was dropped leaves a gap: resync
+            raise TransactionRejected(f"the transaction from {sender.address} was not mined and confirmed "
+                                      f"within {self.tx_timeout_s:g} s") from None
         if receipt["status"] != 1:
-            raise ContractReverted("Revert", (), f"transaction {tx_hash.hex()} reverted")
+            raise ContractReverted("Revert", (), f"transaction {receipt['transactionHash'].hex()} reverted")
         return receipt
+
+    def _number_and_send(self, slot: _Sender, build: Callable[[int], dict], sender: LocalAccount) -> bytes:
+        slot.nonce = None   # always start from the chain's own count (see NonceBook)
+        for attempt in range(_NONCE_RETRIES):
+            if slot.nonce is None:
+                slot.nonce = self.w3.eth.get_transaction_count(sender.address, "pending")
+            signed = None
+            try:   # building it estimates gas, which some nodes check against the nonce too
+                signed = sender.sign_transaction(build(slot.nonce))
+                tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+            except Web3RPCError as exc:
+                message = _rpc_message(exc).lower()
+                if signed is not None and any(text in message for text in _ALREADY_SENT):
+                    tx_hash = signed.hash   # this very transaction reached the node already (a resend)
+                elif any(text in message for text in _NONCE_TROUBLE) and attempt + 1 < _NONCE_RETRIES:
+                    slot.nonce = None       # someone else used the nonce: resync from the pending count
+                    continue
+                else:
+                    raise
+            slot.nonce += 1
+            return bytes(tx_hash)
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _await(self, tx_hash: bytes) -> Any:
+        """The transaction's receipt once ``confirmations`` blocks are on top of its block; a receipt that moved
+        (a reorganisation) is waited for again."""
+        deadline = time.monotonic() + self.tx_timeout_s
+        while True:
+            try:
+                receipt = self.w3.eth.get_transaction_receipt(tx_hash)
+            except (TransactionNotFound, TransactionIndexingInProgress):
+                receipt = None
+            if receipt is not None and receipt["blockNumber"] is not None:
+                if self.confirmations == 0:
+                    return receipt
+                if self.w3.eth.block_number >= receipt["blockNumber"] + self.confirmations:
+                    try:
+                        again = self.w3.eth.get_transaction_receipt(tx_hash)
+                    except (TransactionNotFound, TransactionIndexingInProgress):
+                        again = None
+                    if again is not None and again["blockHash"] == receipt["blockHash"]:
+                        return again
+            if time.monotonic() > deadline:
+                raise TimeExhausted(f"transaction 0x{tx_hash.hex()} not confirmed")
+            time.sleep(self.poll_s)
 
     def view(self, artifact: str, contract: Any, name: str, *args: Any, block: int | str = "latest") -> Any:
         """A read-only call: ABI-encoded here, one `eth_call` over a kept-alive connection, decoded here.
@@ -268,10 +417,9 @@ class Chain:
         return values[0] if len(values) == 1 else values
 
     def fund(self, funder: LocalAccount, to: str, wei: int) -> None:
-        tx = {"to": to, "value": wei, "gas": 21000, "gasPrice": self.w3.eth.gas_price, "chainId": self.chain_id,
-              "nonce": self.w3.eth.get_transaction_count(funder.address, "pending")}
-        tx_hash = self.w3.eth.send_raw_transaction(funder.sign_transaction(tx).raw_transaction)
-        self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=30)
+        self._send("", lambda nonce: {
+            "to": to_checksum_address(to), "value": wei, "gas": 21000, "gasPrice": self.w3.eth.gas_price,
+            "chainId": self.chain_id, "nonce": nonce}, funder)
 
 
 def _hash32(value: bytes | str) -> bytes:
@@ -305,8 +453,8 @@ class DstackApp:
     def _send(self, fn: Any, sender: LocalAccount) -> Any:
         return self.chain.transact(self.ARTIFACT, fn, sender)
 
-    def _view(self, name: str, *args: Any) -> Any:
-        return self.chain.view(self.ARTIFACT, self.contract, name, *args)
+    def _view(self, name: str, *args: Any, block: int | str = "latest") -> Any:
+        return self.chain.view(self.ARTIFACT, self.contract, name, *args, block=block)
 
     # --- the compose-hash lifecycle -------------------------------------------------------------------------
 
@@ -353,8 +501,8 @@ class DstackApp:
     def kms_signer(self) -> str:
         return to_checksum_address(self._view("kmsSigner"))
 
-    def has_approved(self, compose_hash: bytes | str, owner: str) -> bool:
-        return self._view("hasApproved", _hash32(compose_hash), to_checksum_address(owner))
+    def has_approved(self, compose_hash: bytes | str, owner: str, *, block: int | str = "latest") -> bool:
+        return self._view("hasApproved", _hash32(compose_hash), to_checksum_address(owner), block=block)
 
     def status(self, compose_hash: bytes | str) -> ComposeStatus:
         h = _hash32(compose_hash)
@@ -372,12 +520,12 @@ class DstackApp:
         return [{"owner": log["args"]["owner"], "approvals": log["args"]["approvals"],
                  "tx": "0x" + log["transactionHash"].hex(), "block": log["blockNumber"]} for log in logs]
 
-    def budget(self) -> BudgetStatus:
-        return BudgetStatus(budget_micro=self._view("epsilonBudget"),
-                            spent_micro=self._view("epsilonSpent"))
+    def budget(self, *, block: int | str = "latest") -> BudgetStatus:
+        return BudgetStatus(budget_micro=self._view("epsilonBudget", block=block),
+                            spent_micro=self._view("epsilonSpent", block=block))
 
-    def is_app_allowed(self, boot_info: tuple) -> tuple[bool, str]:
-        allowed, reason = self._view("isAppAllowed", boot_info)
+    def is_app_allowed(self, boot_info: tuple, *, block: int | str = "latest") -> tuple[bool, str]:
+        allowed, reason = self._view("isAppAllowed", boot_info, block=block)
         return allowed, reason
 
     # --- the privacy budget -------------------------------------------------------------------------------------
@@ -388,6 +536,22 @@ class DstackApp:
                                                    [to_checksum_address(o) for o in owners],
                                                    to_micro_epsilon(epsilon))
         return self._send(fn, kms_signer)
+
+    def recorded_release(self, release_id: bytes) -> dict | None:
+        """The release recorded under ``release_id`` (its `BudgetSpent` event), or None when there is none: the
+        KMS asks before answering a retried release again, so that a release is spent once."""
+        try:
+            logs = self.contract.events.BudgetSpent().get_logs(argument_filters={"releaseId": bytes(release_id)},
+                                                               from_block=0, to_block="latest")
+        except (requests.RequestException, OSError) as exc:
+            raise ChainUnreachable(self.chain.rpc_url, type(exc).__name__) from None
+        if not logs:
+            return None
+        log = logs[0]
+        return {"release_id": bytes(log["args"]["releaseId"]), "compose_hash": bytes(log["args"]["composeHash"]),
+                "owners": [to_checksum_address(o) for o in log["args"]["owners"]],
+                "epsilon": log["args"]["epsilon"] / EPSILON_SCALE, "transactionHash": log["transactionHash"],
+                "blockNumber": log["blockNumber"]}
 
 
 class DstackKms:
@@ -418,8 +582,8 @@ class DstackKms:
     def allow_os_image(self, os_image_hash: bytes, operator: LocalAccount) -> Any:
         return self.chain.transact(self.ARTIFACT, self.contract.functions.addOsImageHash(os_image_hash), operator)
 
-    def is_app_allowed(self, boot_info: tuple) -> tuple[bool, str]:
-        allowed, reason = self.chain.view(self.ARTIFACT, self.contract, "isAppAllowed", boot_info)
+    def is_app_allowed(self, boot_info: tuple, *, block: int | str = "latest") -> tuple[bool, str]:
+        allowed, reason = self.chain.view(self.ARTIFACT, self.contract, "isAppAllowed", boot_info, block=block)
         return allowed, reason
 
 

@@ -5,11 +5,16 @@
 
 The compiler is the npm ``solc`` package (solc-js) in ``tools/node_modules``, driven through standard
 JSON by ``node`` with the same settings as ``contracts/foundry.toml``: EVM cancun, optimizer on, 200 runs.
-Each artifact is ``{"abi", "bytecode": "0x…", "contractName", "solcVersion", "sourceSha256"}`` written
-with sorted keys, indent 1 and a trailing newline, so that a fresh compile of unchanged sources is
-byte-identical. ``sourceSha256`` is the hex sha256 of the canonical JSON ``{source unit: text}`` (sorted
-keys, ``,``/``:`` separators, UTF-8) of the source units that contract was compiled from — the ones its
-solc metadata lists — so editing one contract leaves the other's artifact fresh.
+Each artifact is ``{"abi", "bytecode": "0x…", "deployedBytecode": "0x…", "immutableReferences",
+"storageLayout", "contractName", "solcVersion", "sourceSha256"}`` written with sorted keys, indent 1 and a
+trailing newline, so that a fresh compile of unchanged sources is byte-identical. ``deployedBytecode`` is the
+runtime code with zeros where the immutables go; ``immutableReferences`` maps each immutable's name to the
+``[start, length]`` byte ranges it fills in that code; ``storageLayout`` is solc's storage layout, compact:
+``{"storage": {variable: {"slot", "offset", "type"}}, "structs": {Struct: {member: {"slot", "offset", "type"}}}}``
+(slots as integers, struct member slots relative to the struct's first). Auditors read state proofs with the
+last two (contracts/storage.py). ``sourceSha256`` is the hex sha256 of the canonical JSON
+``{source unit: text}`` (sorted keys, ``,``/``:`` separators, UTF-8) of the source units that contract was
+compiled from — the ones its solc metadata lists — so editing one contract leaves the other's artifact fresh.
 
 Errors: ``CompileError`` (a ``RuntimeError``) when node or solc-js is missing, or solc reports errors;
 its message carries solc's own diagnostics.
@@ -69,7 +74,9 @@ def compile_sources(sources: Mapping[str, str] | None = None) -> dict[str, dict]
         "settings": {
             "evmVersion": "cancun",
             "optimizer": {"enabled": True, "runs": 200},
-            "outputSelection": {"*": {"*": ["abi", "evm.bytecode.object", "metadata"]}},
+            "outputSelection": {"*": {"*": ["abi", "evm.bytecode.object", "metadata", "storageLayout",
+                                              "evm.deployedBytecode.object",
+                                              "evm.deployedBytecode.immutableReferences"], "": ["ast"]}},
         },
     }
     version, output = _run_solc_js(json.dumps(standard_input))
@@ -87,6 +94,10 @@ def compile_sources(sources: Mapping[str, str] | None = None) -> dict[str, dict]
                 "contractName": name,
                 "abi": compiled["abi"],
                 "bytecode": "0x" + compiled["evm"]["bytecode"]["object"],
+                "deployedBytecode": "0x" + compiled["evm"]["deployedBytecode"]["object"],
+                "immutableReferences": _immutable_references(
+                    compiled["evm"]["deployedBytecode"].get("immutableReferences", {}), output.get("sources", {})),
+                "storageLayout": _storage_layout(compiled["storageLayout"]),
                 "solcVersion": version,
                 "sourceSha256": _sources_sha256({unit: sources[unit] for unit in dependencies}),
             }
@@ -146,6 +157,36 @@ def _run_solc_js(standard_json: str) -> tuple[str, dict]:
         raise CompileError(f"solc-js failed (is {_SOLC_MODULE} installed? run `make setup`):\n{completed.stderr}")
     result = json.loads(completed.stdout)
     return result["version"], json.loads(result["output"])
+
+
+def _immutable_references(references: Mapping[str, list], sources: Mapping[str, dict]) -> dict[str, list]:
+    """solc's immutable references (keyed by AST id) keyed by the immutable's name: ``{name: [[start, length]]}``."""
+    names: dict[str, str] = {}
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if node.get("nodeType") == "VariableDeclaration" and node.get("mutability") == "immutable":
+                names[str(node["id"])] = node["name"]
+            for child in node.values():
+                walk(child)
+        elif isinstance(node, list):
+            for child in node:
+                walk(child)
+
+    walk([unit.get("ast") for unit in sources.values()])
+    return {names[ast_id]: [[ref["start"], ref["length"]] for ref in refs] for ast_id, refs in references.items()}
+
+
+def _storage_layout(layout: Mapping[str, list | dict]) -> dict[str, dict]:
+    """solc's storage layout without AST ids: variables and struct members by name, slots as integers."""
+    types = layout.get("types") or {}
+
+    def entry(item: Mapping[str, object]) -> dict[str, object]:
+        return {"slot": int(item["slot"]), "offset": item["offset"], "type": types[item["type"]]["label"]}
+
+    structs = {kind["label"].removeprefix("struct ").rpartition(".")[2]: {m["label"]: entry(m) for m in kind["members"]}
+               for kind in types.values() if "members" in kind}
+    return {"storage": {item["label"]: entry(item) for item in layout.get("storage", [])}, "structs": structs}
 
 
 def _sources_sha256(sources: Mapping[str, str]) -> str:

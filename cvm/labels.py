@@ -9,3 +9,7 @@ INPUTS_EVENT = "sealroom-inputs"
 AGGREGATOR_REPORT_LABEL = b"sealroom-fed-aggregator/v1:"
 # Federated aggregator: the box context for a site's update (label ‖ round-contract digest).
 UPDATE_BOX_LABEL = b"sealroom-fed-update-box/v1:"
+
+# The line a study run prints to its log after each training epoch, "progress: epoch DONE/EPOCHS" (cvm.run writes
+# it; the backend reads the last one into the run view). Progress only: the epoch count is the manifest's.
+EPOCH_PROGRESS = "progress: epoch"

@@ -12,7 +12,10 @@ The digest is bound twice, by two independent roots:
 
 `attestation.json` (format `sealroom-attestation/v1`) carries the envelope verbatim plus everything needed to
 re-derive each link from raw evidence: quote, event log, app-compose.json verbatim, signature and chain, the
-on-chain approvals and the release transaction. Nothing in it is trusted because the project says so.
+on-chain approvals and the release transaction, and the chain's state at the recorded block as proofs
+(`chain.state_proof`: block header, account and storage proofs, code; contracts/storage.py), so that link 4 can
+be checked against one trusted block hash after the chain node is gone. Nothing in it is trusted because the
+project says so.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from eth_utils import to_checksum_address
 
 from compose.app_compose import normalized_json_bytes
 from contracts.chain import Chain, DstackApp, DstackKms
+from contracts.storage import fetch_state_proof
 
 RESULT_FORMAT = "sealroom-result/v1"
 ATTESTATION_FORMAT = "sealroom-attestation/v1"
@@ -41,7 +45,8 @@ def envelope_digest(envelope: dict[str, Any]) -> bytes:
 
 @dataclass(frozen=True)
 class ChainEvidence:
-    """Where the study lives on-chain and what the chain said at run time."""
+    """Where the study lives on-chain and what the chain said at run time; ``state_proof``: that state as proofs
+    (:func:`contracts.storage.fetch_state_proof`), None when none was gathered."""
 
     chain_id: int
     dstack_app: str
@@ -49,16 +54,22 @@ class ChainEvidence:
     kms_root_address: str
     block: int
     approvals: list[dict]
+    state_proof: dict[str, Any] | None = None
 
 
-def chain_evidence(chain: Chain, *, app_id: bytes, dstack_kms: str, compose_hash: bytes) -> ChainEvidence:
-    """What the chain says at run time: the block, the KMS root registered in DstackKms, and who approved."""
+def chain_evidence(chain: Chain, *, app_id: bytes, dstack_kms: str, compose_hash: bytes,
+                   release_id: bytes | str | None = None) -> ChainEvidence:
+    """What the chain says at run time: the block, the KMS root registered in DstackKms, and who approved; with
+    ``release_id`` (the run's key release), also the DstackApp's state at that block as proofs."""
     app = DstackApp(chain, to_checksum_address(app_id))
     root = DstackKms(chain, dstack_kms).kms_root_pubkey()
+    block = chain.w3.eth.block_number
+    proof = None if release_id is None else fetch_state_proof(chain, app.address, block=block,
+                                                              compose_hash=compose_hash, release_id=release_id)
     return ChainEvidence(
         chain_id=chain.chain_id, dstack_app=app.address, dstack_kms=to_checksum_address(dstack_kms),
         kms_root_address=eth_keys.PublicKey.from_compressed_bytes(root).to_checksum_address(),
-        block=chain.w3.eth.block_number, approvals=app.approval_events(compose_hash),
+        block=block, approvals=app.approval_events(compose_hash, to_block=block), state_proof=proof,
     )
 
 
@@ -101,7 +112,8 @@ def sign_and_attest(envelope: dict[str, Any], *, dstack: DstackClient, app_compo
         "event_log": quote.event_log,
         "app_compose": app_compose.decode(),
         "chain": {"chain_id": chain.chain_id, "dstack_app": chain.dstack_app, "dstack_kms": chain.dstack_kms,
-                  "kms_root_address": chain.kms_root_address, "block": chain.block, "approvals": chain.approvals},
+                  "kms_root_address": chain.kms_root_address, "block": chain.block, "approvals": chain.approvals}
+                 | ({} if chain.state_proof is None else {"state_proof": chain.state_proof}),
         "collateral": None,
     }
 

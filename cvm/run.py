@@ -29,6 +29,7 @@ from cvm.analyses import (
     StatsRequest,
     run_dp_stats,
 )
+from cvm.labels import EPOCH_PROGRESS
 from cvm.receipt import (
     build_envelope,
     chain_evidence,
@@ -56,15 +57,31 @@ def result_payload(result: Any) -> dict[str, Any]:
     if result.output_type == "aggregate_stats":
         return {"output_type": result.output_type, "measure": result.measure, "spent": spent,
                 "results": [{"name": r.name, "kind": r.kind, "value": dict(r.value) if isinstance(r.value, dict)
-                             else r.value, "noise_scales": list(r.noise_scales)} for r in result.results]}
-    return {"output_type": result.output_type, "architecture": result.architecture,
-            "hidden_units": result.hidden_units,
+                             else r.value, "noise_scales": list(r.noise_scales)} for r in result.results],
+                "postprocessing": list(getattr(result, "postprocessing", ()))}
+    # a model result: torch is loaded already
+    from cvm.analyses.dpsgd import STANDARDISATION
+
+    model = {"output_type": result.output_type, "architecture": result.architecture}
+    if result.architecture == "mlp":
+        model["hidden_units"] = result.hidden_units   # meaningless for the logistic model: absent there
+    return model | {
+            # the model's input, in order: each feature BY NAME, its public bounds and the standardisation
+            "features": [{"name": name, "bounds": [float(low), float(high)], "standardisation": STANDARDISATION}
+                         for name, (low, high) in result.feature_bounds.items()],
+            "label": result.label, "label_rule": "1 when the label is >= 0.5, else 0 (null = 0)",
+            "score": "logit; probability = sigmoid(logit)", "released_metrics": [],
             "feature_bounds": {k: list(v) for k, v in result.feature_bounds.items()},
             "weights": {name: {"shape": list(w.shape), "values": np.asarray(w, dtype=np.float64).ravel().tolist()}
                         for name, w in result.weights.items()},
             "spent": spent, "accountant": result.accountant, "noise_multiplier": result.noise_multiplier,
             "sample_rate": result.sample_rate, "steps": result.steps, "max_grad_norm": result.max_grad_norm,
             "noise_source": result.noise_source}
+
+
+def _report_epoch(done: int, epochs: int) -> None:
+    """One line per finished epoch on stdout (the run's log), read back into the API's run view."""
+    print(f"{EPOCH_PROGRESS} {done}/{epochs}", flush=True)
 
 
 def run_study(sealed_files: Sequence[Path], *, dstack: DstackClient, kms: KmsClient, chain: Chain,
@@ -86,7 +103,8 @@ def run_study(sealed_files: Sequence[Path], *, dstack: DstackClient, kms: KmsCli
             run_dp_sgd,
         )
 
-        result = run_dp_sgd(table, TrainingSpec.from_params(manifest.analysis.params), budget).model
+        result = run_dp_sgd(table, TrainingSpec.from_params(manifest.analysis.params), budget,
+                            on_epoch=_report_epoch).model
     else:
         raise StudyRunError(f"analysis kind {manifest.analysis.kind!r} is not run by a study CVM")
     released = OutputGate(manifest.output_type, manifest.epsilon, manifest.delta,
@@ -94,8 +112,9 @@ def run_study(sealed_files: Sequence[Path], *, dstack: DstackClient, kms: KmsCli
     seconds["analysis"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    evidence = chain_evidence(chain, app_id=inputs.app_id, dstack_kms=dstack_kms, compose_hash=inputs.compose_hash)
     release = inputs.release
+    evidence = chain_evidence(chain, app_id=inputs.app_id, dstack_kms=dstack_kms, compose_hash=inputs.compose_hash,
+                              release_id=release.release_id)
     envelope = build_envelope(
         payload=result_payload(released), app_id=inputs.app_id, compose_hash=inputs.compose_hash, chain=evidence,
         epsilon_spent=release.epsilon_spent, epsilon_remaining=release.epsilon_remaining,

@@ -13,7 +13,9 @@ In order, for the whole study (so a bad input costs no privacy budget):
    what that analysis reads (`compose.manifest.check_inputs_against_manifest`);
 4. every file's payload re-hashed against the ciphertext_sha256 its owner signed (streamed, no key), so a damaged
    file is refused here and not after the spend;
-5. one attested release from the KMS of the consenting owners' unwrap keys (it spends the study's ε on-chain);
+5. one attested release from the KMS of the consenting owners' unwrap keys (it spends the study's ε on-chain;
+   a KMS restart or a chain outage meanwhile is ridden out by the client, which sends the same request again
+   and gets the keys of the same recorded release, spent once);
 6. each file decrypted chunk by chunk into memory, never to disk;
 7. the ciphertext digests actually opened are measured into RTMR3 (`sealroom-inputs`), so every later quote —
    the one in the result's receipt included — says exactly which data went in.
@@ -99,6 +101,9 @@ def unwrap_datasets(sealed_files: Sequence[Path], *, dstack: DstackClient, kms: 
             return bytes.fromhex(quote.quote), quote.event_log
 
         release = kms.release_owner_keys(attest, app_compose)
+        missing = sorted({item.owner for item in manifest.inputs} - set(release.keys))
+        if missing:   # the KMS releases every consenting input owner's key or none; an answer without one is wrong
+            raise UnwrapError(f"the KMS released no unwrap key for input owner(s) {', '.join(missing)}")
         datasets, digests = {}, {}
         for item in manifest.inputs:
             _path, stream, _envelope = chosen[item.name]

@@ -7,6 +7,7 @@ docs/design.md, "dstack formats: KMS keys and BootInfo"). Everything is derived,
 
     app key (secp256k1)          = derive(root k256 private bytes, [app_id, b"app-key"])            # dstack's
     owner sealing key (X25519)   = derive(derivation secret, [app_id, compose_hash, owner, b"owner-seal-key"])
+    env-encrypt key (X25519)     = derive(derivation secret, [app_id, b"env-encrypt-key"])   # dstack's context
 
 Context parts are concatenated without length prefixes, as dstack does; that is unambiguous here because
 every part but the trailing label has a fixed length (app_id 20, compose_hash 32, owner 20 bytes), which
@@ -36,6 +37,8 @@ from kms_client.messages import (
     APP_KEY_ISSUED_PREFIX,
     OWNER_SEAL_PUBKEY_PREFIX,
     app_key_issued_digest,
+    env_encrypt_pubkey_digest,
+    env_encrypt_pubkey_legacy_digest,
     k256_public_key_compressed,
     owner_seal_pubkey_digest,
 )
@@ -54,12 +57,15 @@ __all__ = [
     "derive_owner_seal_key",
     "owner_seal_pubkey_digest",
     "sign_owner_seal_pubkey",
+    "derive_env_encrypt_key",
+    "sign_env_encrypt_pubkey",
 ]
 
 HKDF_SALT = b"RATLS"
 
 _APP_KEY_LABEL = b"app-key"
 _OWNER_SEAL_KEY_LABEL = b"owner-seal-key"
+_ENV_ENCRYPT_KEY_LABEL = b"env-encrypt-key"
 _APP_ID_LEN = 20
 _COMPOSE_HASH_LEN = 32
 _ADDRESS_LEN = 20
@@ -181,3 +187,24 @@ def sign_owner_seal_pubkey(
     """
     digest = owner_seal_pubkey_digest(app_id, compose_hash, owner_address, pubkey, timestamp)
     return _k256_private_key(root.k256_private_bytes).sign_msg_hash(digest).to_bytes()
+
+
+def derive_env_encrypt_key(root: RootKeys, app_id: bytes) -> X25519PrivateKey:
+    """The app's env-encrypt key (dstack ``GetAppEnvEncryptPubKey``): what deployers encrypt environment to.
+
+    ``X25519 private key = HKDF(derivation secret, [app_id, b"env-encrypt-key"], 32)``. dstack uses the same context
+    but derives from its P-256 root CA key (``derive_dh_secret``); this KMS has no CA, so the derivation secret
+    stands in for it. One key per app, as in dstack: every recipe of the app shares it.
+    """
+    _require_bytes(app_id, _APP_ID_LEN, "app_id")
+    return X25519PrivateKey.from_private_bytes(hkdf_derive(root.derivation_secret, [app_id, _ENV_ENCRYPT_KEY_LABEL]))
+
+
+def sign_env_encrypt_pubkey(root: RootKeys, app_id: bytes, pubkey: bytes, timestamp: int) -> tuple[bytes, bytes]:
+    """The root's two signatures over an env-encrypt public key, as dstack's KMS answers: ``(signature_v1 over
+    env_encrypt_pubkey_digest (timestamped), legacy signature over env_encrypt_pubkey_legacy_digest)``, each 65
+    bytes ``r ‖ s ‖ v``."""
+    key = _k256_private_key(root.k256_private_bytes)
+    v1 = key.sign_msg_hash(env_encrypt_pubkey_digest(app_id, pubkey, timestamp)).to_bytes()
+    legacy = key.sign_msg_hash(env_encrypt_pubkey_legacy_digest(app_id, pubkey)).to_bytes()
+    return v1, legacy

@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from compose.http_limits import KIB, MIB, BodyLimit, guard
-from kms.service import KeyManagementService, Refused
+from kms.service import KeyManagementService, Refused, Unavailable
 from kms_client import wire
 
 # Request bodies: an attestation carries a quote (~10 KB of hex), its event log, DCAP collateral (~20 KB) and
@@ -41,6 +41,12 @@ def create_app(service: KeyManagementService) -> FastAPI:
     async def refused(_request: Request, exc: Refused) -> JSONResponse:
         return JSONResponse(status_code=403, content=wire.Refusal(error=str(exc), reason=exc.code).model_dump())
 
+    @app.exception_handler(Unavailable)
+    async def unavailable(_request: Request, exc: Unavailable) -> JSONResponse:
+        # The chain is down (or did not take the spend): nothing was released; the caller sends the same request again.
+        return JSONResponse(status_code=503, content=wire.Refusal(error=str(exc), reason=exc.code).model_dump(),
+                            headers={"Retry-After": "1"})
+
     @app.post("/prpc/GetMeta")
     def get_meta() -> wire.Meta:
         return service.meta()
@@ -52,6 +58,10 @@ def create_app(service: KeyManagementService) -> FastAPI:
     @app.post("/prpc/GetOwnerSealKey")
     def get_owner_seal_key(request: wire.OwnerSealKeyRequest) -> wire.OwnerSealKey:
         return service.owner_seal_key(request)
+
+    @app.post("/prpc/GetAppEnvEncryptPubKey")
+    def get_app_env_encrypt_pub_key(request: wire.AppIdRequest) -> wire.EnvEncryptPubKey:
+        return service.env_encrypt_pubkey(request)
 
     @app.post("/prpc/GetAppKey")
     def get_app_key(attestation: wire.Attestation) -> wire.AppKeyResponse:

@@ -7,8 +7,15 @@ Exception tree::
 
     KmsError
     ├── KmsUnreachable         the KMS did not answer
+    │   └── KmsUnavailable     it answered 503: it cannot reach its chain now (`.code` "chain_unavailable")
     ├── KmsRefused             the KMS said no; `.code` is its RefusalCode, the message says why
     └── KmsAnswerInvalid       the answer did not verify (bad signature, wrong root, undecryptable box)
+
+`release_owner_keys` rides out a KMS restart or a chain outage: on a connection error or a 503 it sends the very
+same request again (same nonce, same quote, same ephemeral key) for up to ``release_retry_s`` seconds. The KMS
+answers a release it already recorded on-chain again, without a second spend (DESIGN §3), and only to the key
+that request bound. A retried request whose nonce the KMS no longer knows was never journaled, so it spent nothing:
+the client then starts over with a fresh nonce.
 """
 
 from __future__ import annotations
@@ -38,12 +45,17 @@ from kms_client.box import (
     raw_public,
 )
 from kms_client.messages import app_key_issued_digest, k256_public_key_compressed
-from kms_client.signature_chain import KmsClientError, verify_owner_seal_pubkey
+from kms_client.signature_chain import KmsClientError, verify_env_encrypt_pubkey, verify_owner_seal_pubkey
 
 T = TypeVar("T", bound=BaseModel)
 
 # attest(report_data) -> (quote bytes, event log JSON string): dstack-sdk's get_quote, inside a CVM.
 Attest = Callable[[bytes], tuple[bytes, str]]
+
+# How long a CVM keeps sending one owner-key release again while the KMS restarts or its chain is down (the KMS
+# accepts a retried release for far longer: kms.releases.RETRY_WINDOW_S), and the pause between tries.
+RELEASE_RETRY_S = 60.0
+_RETRY_PAUSE_S = (0.25, 2.0)   # first pause, doubling up to the second
 
 
 class KmsError(Exception):
@@ -52,6 +64,15 @@ class KmsError(Exception):
 
 class KmsUnreachable(KmsError):
     pass
+
+
+class KmsUnavailable(KmsUnreachable):
+    """The KMS answered 503: it cannot reach its chain (or the chain did not take the spend). Nothing was released;
+    the same request may be sent again."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"KMS unavailable ({code}): {message}")
+        self.code = code
 
 
 class KmsRefused(KmsError):
@@ -73,6 +94,15 @@ class AppKey:
 
 
 @dataclass(frozen=True)
+class EnvEncryptKey:
+    """An app's env-encrypt X25519 public key, verified: the KMS root signed it (``signature_v1``) at ``timestamp``."""
+
+    public_key: bytes
+    timestamp: int
+    signature_v1: bytes
+
+
+@dataclass(frozen=True)
 class OwnerKeyRelease:
     keys: dict[str, X25519PrivateKey]
     release_id: str
@@ -83,8 +113,9 @@ class OwnerKeyRelease:
 
 
 class KmsClient:
-    def __init__(self, url: str, *, timeout_s: float = 10.0):
+    def __init__(self, url: str, *, timeout_s: float = 10.0, release_retry_s: float = RELEASE_RETRY_S):
         self.url = url.rstrip("/")
+        self.release_retry_s = release_retry_s
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s)
 
     def close(self) -> None:
@@ -105,6 +136,12 @@ class KmsClient:
             if reply.status_code == 403:
                 refusal = wire.Refusal.model_validate_json(reply.content)
                 raise KmsRefused(refusal.reason, refusal.error)
+            if reply.status_code == 503:   # the KMS's own (with its reason), or a proxy's in front of it
+                try:
+                    refusal = wire.Refusal.model_validate_json(reply.content)
+                except ValidationError:
+                    raise KmsUnavailable("unavailable", f"HTTP 503 to {method}") from None
+                raise KmsUnavailable(refusal.reason, refusal.error)
             if reply.status_code != 200:
                 raise KmsError(f"KMS answered HTTP {reply.status_code} to {method}: {reply.text[:200]}")
             return answer.model_validate_json(reply.content)
@@ -135,6 +172,23 @@ class KmsClient:
         except KmsClientError as exc:
             raise KmsAnswerInvalid(str(exc)) from None
         return X25519PublicKey.from_public_bytes(public)
+
+    def env_encrypt_pubkey(self, app_id: str, *, pinned_root_address: str, now: int | None = None) -> EnvEncryptKey:
+        """The app's env-encrypt X25519 public key (dstack GetAppEnvEncryptPubKey), its timestamped ``signature_v1``
+        verified against the KMS root the caller pins: what deployers encrypt a CVM's environment to."""
+        request = wire.AppIdRequest(app_id=to_checksum_address(app_id))
+        signed = self._call("GetAppEnvEncryptPubKey", request, wire.EnvEncryptPubKey)
+        try:
+            public, signature = bytes.fromhex(signed.public_key), bytes.fromhex(signed.signature_v1)
+        except ValueError:
+            raise KmsAnswerInvalid("malformed GetAppEnvEncryptPubKey answer from the KMS: not hex") from None
+        try:
+            verify_env_encrypt_pubkey(bytes.fromhex(request.app_id[2:]), public, signed.timestamp, signature,
+                                      pinned_root_address=pinned_root_address,
+                                      now=int(time.time()) if now is None else now)
+        except KmsClientError as exc:
+            raise KmsAnswerInvalid(str(exc)) from None
+        return EnvEncryptKey(public_key=public, timestamp=signed.timestamp, signature_v1=signature)
 
     def _attestation(self, attest: Attest, collateral: str | None) -> tuple[wire.Attestation, X25519PrivateKey, bytes]:
         nonce = bytes.fromhex(self._call("GetNonce", None, wire.Nonce).nonce)
@@ -173,10 +227,35 @@ class KmsClient:
 
     def release_owner_keys(self, attest: Attest, app_compose: bytes, *,
                            collateral: str | None = None) -> OwnerKeyRelease:
-        """Attest and receive the consenting owners' unwrap keys; the KMS spends the study's ε on-chain first."""
-        attestation, ephemeral, nonce = self._attestation(attest, collateral)
-        request = wire.OwnerKeysRequest(attestation=attestation, app_compose=app_compose.decode())
-        answer = self._call("ReleaseOwnerKeys", request, wire.OwnerKeysResponse)
+        """Attest and receive the consenting owners' unwrap keys; the KMS spends the study's ε on-chain first.
+
+        A connection error or a 503 is retried with the same request for ``release_retry_s`` seconds (see the
+        module's docstring): a release the KMS recorded before it crashed is answered then, spent once."""
+        deadline = time.monotonic() + self.release_retry_s
+        pause = _RETRY_PAUSE_S[0]
+        attempt: tuple[wire.OwnerKeysRequest, X25519PrivateKey, bytes] | None = None
+        interrupted = False    # the current request met a connection error or a 503 at least once
+        while True:
+            try:
+                if attempt is None:
+                    attestation, ephemeral, nonce = self._attestation(attest, collateral)
+                    request = wire.OwnerKeysRequest(attestation=attestation, app_compose=app_compose.decode())
+                    attempt, interrupted = (request, ephemeral, nonce), False
+                request, ephemeral, nonce = attempt
+                answer = self._call("ReleaseOwnerKeys", request, wire.OwnerKeysResponse)
+                break
+            except KmsRefused as refused:
+                # A retry whose nonce the KMS no longer knows was never journaled: it spent nothing. Start over.
+                if refused.code == "stale_nonce" and interrupted and time.monotonic() < deadline:
+                    attempt = None
+                    continue
+                raise
+            except KmsUnreachable:
+                if time.monotonic() + pause > deadline:
+                    raise
+                interrupted = attempt is not None
+                time.sleep(pause)
+                pause = min(pause * 2, _RETRY_PAUSE_S[1])
         opened = self._open(answer.box, nonce, ephemeral)
         try:
             keys = {owner: X25519PrivateKey.from_private_bytes(bytes.fromhex(k)) for owner, k in opened.items()}

@@ -53,6 +53,7 @@ from eth_utils import keccak, to_checksum_address
 
 from kms_client.messages import (
     app_key_issued_digest,
+    env_encrypt_pubkey_digest,
     k256_public_key_compressed,
     owner_seal_pubkey_digest,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "SignatureChainMismatch",
     "ChainRoots",
     "verify_owner_seal_pubkey",
+    "verify_env_encrypt_pubkey",
     "recover_signature_chain",
     "verify_signature_chain",
     "verify_get_key_response",
@@ -185,6 +187,42 @@ def verify_owner_seal_pubkey(
         raise UntrustedKmsKey(
             f"signed by {signer.to_checksum_address()}, not the pinned KMS root {expected_signer} "
             "(or for another app, recipe or owner)"
+        )
+    if now - timestamp > max_age_s:
+        raise UntrustedKmsKey(f"stale: signed {now - timestamp} s ago, more than the {max_age_s} s allowed")
+    if timestamp - now > MAX_CLOCK_SKEW_S:
+        raise UntrustedKmsKey(f"signed {timestamp - now} s in the future; check the KMS and local clocks")
+
+
+def verify_env_encrypt_pubkey(
+    app_id: bytes,
+    pubkey: bytes,
+    timestamp: int,
+    signature_v1: bytes,
+    *,
+    pinned_root_address: bytes | str,
+    now: int,
+    max_age_s: int = 300,
+) -> None:
+    """Check that the pinned KMS root vouched, recently, for ``pubkey`` as the app's env-encrypt key (dstack's
+    ``signature_v1``: ``kms_client.messages.env_encrypt_pubkey_digest``), as ``dstack_sdk``'s
+    ``verify_env_encrypt_public_key`` does, but against a pinned root. Refuses with :class:`UntrustedKmsKey` what
+    :func:`verify_owner_seal_pubkey` refuses."""
+    expected_signer = _pinned_address(pinned_root_address, "pinned_root_address")
+    if not isinstance(pubkey, bytes) or len(pubkey) != 32:
+        raise UntrustedKmsKey("malformed env-encrypt public key: expected 32 bytes of X25519")
+    if isinstance(timestamp, bool) or not isinstance(timestamp, int) or not 0 <= timestamp < 2**64:
+        raise UntrustedKmsKey("malformed timestamp")
+    if not isinstance(signature_v1, bytes):
+        raise UntrustedKmsKey("malformed signature: expected bytes")
+    digest = env_encrypt_pubkey_digest(app_id, pubkey, timestamp)
+    try:
+        signer = _recover(digest, signature_v1)
+    except ValueError as exc:
+        raise UntrustedKmsKey(str(exc)) from exc
+    if signer.to_checksum_address() != expected_signer:
+        raise UntrustedKmsKey(
+            f"signed by {signer.to_checksum_address()}, not the pinned KMS root {expected_signer} (or for another app)"
         )
     if now - timestamp > max_age_s:
         raise UntrustedKmsKey(f"stale: signed {now - timestamp} s ago, more than the {max_age_s} s allowed")

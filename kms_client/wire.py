@@ -1,7 +1,8 @@
 """Wire schemas of the KMS API, shared by the service (`kms`) and its client (`kms_client`).
 
 pRPC-style like dstack's KMS: `POST {kms_url}/prpc/<Method>` with a JSON body; bytes are hex without 0x,
-Ethereum addresses are 0x-prefixed. A refusal is HTTP 403 with `Refusal` as the body.
+Ethereum addresses are 0x-prefixed. A refusal is HTTP 403 with `Refusal` as the body; a KMS that cannot reach its
+chain answers HTTP 503 with a `Refusal` whose reason is ``chain_unavailable`` (send the same request again).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ RefusalCode = Literal[
     "stale_nonce",         # the nonce is unknown, already used or expired
     "owner_not_consenting",  # a requested owner did not approve this compose hash
     "budget_exhausted",    # the study's privacy budget cannot cover the request
+    "chain_unavailable",   # HTTP 503: the chain is unreachable (or did not take the spend); retry the same request
     "bad_request",
 ]
 
@@ -120,3 +122,19 @@ class RoundSpendResponse(Wire):
     epsilon_spent: float
     epsilon_remaining: float
     simulated: bool
+
+
+class AppIdRequest(Wire):
+    """dstack's ``AppId``: the app id as hex (``0x`` optional), e.g. ``{"app_id": "5fbd…"}``."""
+
+    app_id: str
+
+
+class EnvEncryptPubKey(Wire):
+    """dstack's ``PublicKeyResponse`` for GetAppEnvEncryptPubKey: the app's X25519 env-encrypt public key, the root's
+    timestamped ``signature_v1`` (kms_client.messages.env_encrypt_pubkey_digest) and dstack's legacy ``signature``."""
+
+    public_key: str
+    signature: str
+    timestamp: int
+    signature_v1: str

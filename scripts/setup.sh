@@ -40,6 +40,15 @@ if ! command -v bwrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-ge
   fi
 fi
 
+# Chromium for the owners' console browser tests (tests/test_console_browser.py: Playwright from PyPI drives Debian's
+# /usr/bin/chromium; no browser is downloaded). Without it those tests are skipped, saying why.
+if ! [ -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing chromium (Debian) for the console's browser tests"
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1; then
+    echo "setup: note: chromium could not be installed; the console's browser tests will be skipped" >&2
+  fi
+fi
+
 # A container engine for the container backend (compose/backends/container.py, which starts `podman system service`
 # itself): podman and runc from Debian, where no engine is present and this machine lets us (root with apt-get).
 # Without one the container backend's tests are skipped, saying so loudly; the process backend works as before.

@@ -87,8 +87,10 @@ def load_stack(state_dir: Path | None) -> StackDescription:
 
 @contextmanager
 def open_chain(stack: StackDescription) -> Iterator[Chain]:
+    """The stack's chain; on an external one, transactions wait for the stack's confirmations."""
     try:
-        chain = Chain(stack.rpc_url)
+        chain = Chain(stack.rpc_url, confirmations=stack.confirmations,
+                      tx_timeout_s=300.0 if stack.chain == "external" else 30.0)
     except ChainUnreachable as exc:
         fail(str(exc), EXIT_UNREACHABLE, "is `seal up` still running?")
     with chain:
@@ -118,17 +120,16 @@ def load_signer(stack: StackDescription | None, owner: str | None, keystore: Pat
         fail("give either --owner or --keystore, not both", EXIT_USAGE)
     try:
         if keystore is not None:
-            password = os.environ.get("SEAL_KEYSTORE_PASSWORD")
-            if password is None:
-                if not sys.stdin.isatty():
-                    fail("no keystore password: SEAL_KEYSTORE_PASSWORD is not set and there is no terminal to ask on",
-                         EXIT_KEY, "set SEAL_KEYSTORE_PASSWORD")
-                password = typer.prompt("keystore password", hide_input=True)
-            return read_keystore(keystore, password)
+            return read_keystore(keystore, _keystore_password())
         if owner is not None:
             if stack is None:
                 fail("--owner names a dev owner of the local stack, and no stack is running", EXIT_UNREACHABLE)
             entry = stack.owner(owner)
+            if entry.kind == "address":   # a consortium file's owner known by address: their key is theirs
+                fail(f"owner {entry.name} ({entry.address}) signs with their own key, which this stack does not hold",
+                     EXIT_KEY, "pass --keystore FILE (that owner's keystore), or set SEAL_OWNER_KEY")
+            if entry.kind == "keystore":  # the owner's own keystore, named in the consortium file
+                return read_keystore(entry.keystore, _keystore_password())
             return read_keystore(entry.keystore, stack.dev_keystore_password)
         if key := os.environ.get("SEAL_OWNER_KEY"):
             return Account.from_key(key)
@@ -139,6 +140,16 @@ def load_signer(stack: StackDescription | None, owner: str | None, keystore: Pat
         fail(f"could not load the owner key: {type(exc).__name__}: {exc}", EXIT_KEY,
              "check the keystore path and SEAL_KEYSTORE_PASSWORD")
     fail("no owner key given", EXIT_KEY, "use --owner NAME (local stack), --keystore PATH, or set SEAL_OWNER_KEY")
+
+
+def _keystore_password() -> str:
+    password = os.environ.get("SEAL_KEYSTORE_PASSWORD")
+    if password is None:
+        if not sys.stdin.isatty():
+            fail("no keystore password: SEAL_KEYSTORE_PASSWORD is not set and there is no terminal to ask on",
+                 EXIT_KEY, "set SEAL_KEYSTORE_PASSWORD")
+        password = typer.prompt("keystore password", hide_input=True)
+    return password
 
 
 def chain_refused(exc: ChainError) -> NoReturn:

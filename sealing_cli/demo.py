@@ -50,8 +50,31 @@ def expect(code: int, wanted: int = 0) -> None:
 
 
 STUDY_NAME = "cardio-renal-risk"
-STUDY_YAML = ("services:\n  study:\n    image: sealroom/study-runner@sha256:" + "0" * 64 + "\n"
-              "    command: [python, -m, cvm.run]\n")
+
+
+def study_yaml(image: str) -> str:
+    """The analyst's compose: one service running the study from the study image, pinned by digest (``image`` is
+    ``sealroom/study-runner@sha256:…``, see :func:`pinned_study_image`)."""
+    return f"services:\n  study:\n    image: {image}\n    command: [python, -m, cvm.run]\n"
+
+
+def pinned_study_image(state_dir: Path) -> str:
+    """The study image the demo's recipe pins: the one built reproducibly from this checkout into
+    STATE/study-image (`seal image build`), reused while it is current, else (re)built there — seconds when the
+    download and layer cache is warm, a minute or two the first time on a machine."""
+    from sealing_cli.study_backend import ensure_study_image
+
+    return ensure_study_image(state_dir, lambda line: console.print(f"  {line}"))
+
+
+def rebuild_source() -> Path | None:
+    """The source tree this demo's code came from, when it is a checkout of the repository (not an installed
+    package): the demo's auditor rebuilds the study image from it (`seal verify --rebuild`)."""
+    from compose.image import build as image_build
+
+    root = Path(image_build.__file__).resolve().parents[2]
+    checkout = (root / "pyproject.toml").is_file() and (root / "compose" / "image" / "python.lock").is_file()
+    return root if checkout else None
 
 
 def study_manifest(owners: dict[str, str]) -> dict:
@@ -68,13 +91,16 @@ def study_manifest(owners: dict[str, str]) -> dict:
     }
 
 
-def study_recipe(owners: dict[str, str]) -> bytes:
-    """The app-compose.json bytes the analysts' API builds for that manifest (used by bench/study_bench.py)."""
+def study_recipe(owners: dict[str, str], image: str | None = None) -> bytes:
+    """The app-compose.json bytes the analysts' API builds for that manifest (used by bench/study_bench.py);
+    ``image`` defaults to :func:`pinned_study_image` in the default state folder."""
     from compose.app_compose import build_app_compose, normalized_json_bytes
     from compose.manifest import StudyManifest
+    from compose.stack_file import default_state_dir
 
     manifest = StudyManifest.model_validate(study_manifest(owners))
-    return normalized_json_bytes(build_app_compose(STUDY_NAME, STUDY_YAML, manifest))
+    image = image or pinned_study_image(default_state_dir())
+    return normalized_json_bytes(build_app_compose(STUDY_NAME, study_yaml(image), manifest))
 
 
 class Analyst:
@@ -118,26 +144,17 @@ def held_out_auc(payload: dict, label: str, rows: int) -> tuple[float, float]:
 
     The model is rebuilt from the signed payload alone and scored with the same feature mapping the CVM trained with.
     """
-    import numpy as np
 
     from cvm.analyses.cohorts import FEATURES, GROUND_TRUTH, generate_site
     from cvm.analyses.dpsgd import (
-        DPModel,
         TrainingSpec,
+        model_from_payload,
         prepare_features,
         roc_auc,
         scores,
     )
-    from cvm.analyses.loss import PrivacyLoss
 
-    model = DPModel(
-        architecture=payload["architecture"], hidden_units=payload["hidden_units"],
-        feature_bounds={k: tuple(v) for k, v in payload["feature_bounds"].items()},
-        weights={n: np.array(w["values"], dtype=np.float32).reshape(w["shape"]) for n, w in payload["weights"].items()},
-        spent=PrivacyLoss(**payload["spent"]), accountant=payload["accountant"],
-        noise_multiplier=payload["noise_multiplier"], sample_rate=payload["sample_rate"], steps=payload["steps"],
-        max_grad_norm=payload["max_grad_norm"], noise_source=payload["noise_source"],
-    )
+    model = model_from_payload(payload)
     fresh = generate_site("EU-West", rows, seed=2026)
     data = prepare_features(fresh, TrainingSpec(features=model.feature_bounds, label=label))
     labels = data.y.numpy()
@@ -145,7 +162,7 @@ def held_out_auc(payload: dict, label: str, rows: int) -> tuple[float, float]:
     return roc_auc(scores(model.module(), data), labels), roc_auc(truth, labels)
 
 
-def run_demo(state_dir: Path, *, seal: SealCommand, small: bool = False) -> None:
+def run_demo(state_dir: Path, *, seal: SealCommand, small: bool = False, backend: str = "container") -> None:
     # A fresh throwaway folder: one this demo made is emptied; anyone else's folder is refused (ScratchRefused),
     # before the heavy imports, so that a refusal is immediate.
     state_dir = prepare_scratch_folder(state_dir, made_by="seal demo",
@@ -159,12 +176,16 @@ def run_demo(state_dir: Path, *, seal: SealCommand, small: bool = False) -> None
     console.print(Rule(f"Sealroom demo: five owners, {sum(sizes.values()):,} patients, one DP model"))
     with ExitStack() as cleanup:
         stack = cleanup.enter_context(LocalStack(state_dir, owner_names=tuple(SITE_SIZES), threshold=5,
-                                                 epsilon_budget=EPSILON_BUDGET))
+                                                 epsilon_budget=EPSILON_BUDGET, backend=backend,
+                                                 notify=lambda line: console.print(f"  {line}")))
         d = stack.description
         api_url = stack.start_api()
+        label = stack.study_backend.label
+        console.print(f"study runs: {label}", style=None if stack.study_backend.kind == "container" else "bold red")
         console.print(f"local stack: anvil chain {d.chain_id} at {d.rpc_url}; KMS {d.services['kms']['url']} "
                       f"(dev mode: accepts SIMULATED quotes); analysts' API {api_url}; DstackApp (app_id) "
                       f"{d.dstack_app}, threshold 5/5, ε budget {EPSILON_BUDGET:g}")
+        console.print(f"owners' approval console {stack.start_console()} (review, co-sign, revoke)")
         analyst = cleanup.enter_context(closing(Analyst(api_url, issue_token(Path(d.services["api"]["state_dir"]),
                                                                              "demo-analyst"))))
 
@@ -177,8 +198,10 @@ def run_demo(state_dir: Path, *, seal: SealCommand, small: bool = False) -> None
             console.print(f"{site:<9} {n:>8,} patients  -> {sources[site]}")
 
         console.print(Rule("The analyst submits the recipe over REST: DP-SGD logistic regression, ε = 1.5"))
+        image = pinned_study_image(state_dir)
+        console.print(f"  the recipe pins the study image {image} (built reproducibly from this checkout)")
         submitted = analyst.call("POST", "/composes", json={
-            "name": STUDY_NAME, "docker_compose": STUDY_YAML,
+            "name": STUDY_NAME, "docker_compose": study_yaml(image),
             "manifest": study_manifest({o.name: o.address for o in d.owners})})
         if submitted.status_code != 201:
             raise SystemExit(f"demo: the API refused the compose: {submitted.text}")
@@ -215,7 +238,11 @@ def run_demo(state_dir: Path, *, seal: SealCommand, small: bool = False) -> None
                       f"ε left {envelope['epsilon_remaining']:g}; SIMULATED TEE: {envelope['simulated']}")
         console.print(f"model AUC on a fresh cohort no owner holds: {auc:.4f} (ground-truth model: {truth_auc:.4f})")
         console.print(f"receipt: {receipt}  (envelope digest {attestation['envelope_digest'][:16]}…, run {run_seconds:.1f} s)")
-        expect(seal("verify", str(receipt), "--allow-simulated", *sd))
+        source = rebuild_source()
+        rebuild = ["--rebuild", str(source)] if source else []
+        if not source:
+            console.print("  (no source checkout to rebuild the study image from: link 8, image, is not checked)")
+        expect(seal("verify", str(receipt), "--allow-simulated", *rebuild, *sd))
 
         console.print(Rule("One owner (CH) revokes the recipe: final; the next run never starts and spends nothing"))
         expect(seal("revoke", "--compose-hash", hx, "--owner", "CH", *sd))

@@ -29,7 +29,7 @@ from rich.rule import Rule
 
 from compose.backends.launcher import ManagedProcess, free_loopback_port
 from compose.stack_file import read_keystore
-from sealing_cli.demo import SealCommand, expect
+from sealing_cli.demo import SealCommand, expect, pinned_study_image
 from sealing_cli.scratch import prepare_scratch_folder
 from sealing_cli.stack import LocalStack
 
@@ -42,7 +42,8 @@ POISONER = "APAC"
 EPSILON_PER_ROUND = 5.0
 EPSILON_TOTAL = 10.0
 DELTA = 1e-5
-ON_TIME_S = 25.0        # each round's deadline, counted from when its recipe is written
+ON_TIME_S = 45.0        # each round's deadline, counted from when its recipe is written (the aggregator CVM boots
+                        # inside it: about 5 s on an idle 2-core machine, up to 25 s on a loaded one)
 
 
 def start_round_aggregator(stack: LocalStack, compose_path: Path, parent_path: Path, out_dir: Path, *, name: str,
@@ -157,6 +158,10 @@ def run_federated_demo(state_dir: Path, *, seal: SealCommand) -> None:
         console.print(f"public reference cohort for central evaluation: {REFERENCE_ROWS:,} rows per site population, "
                       f"no site's own rows; sha256 {reference_sha256[:16]}… goes into every round contract")
 
+        image = pinned_study_image(state_dir)
+        image_digest = image.split("@", 1)[1]
+        console.print(f"every round's recipe runs the aggregator from the study image {image} (built reproducibly "
+                      "from this checkout)")
         parent = np.zeros(NUM_PARAMETERS, dtype="<f4")
         previous: Path | None = None
         rollbacks = 0
@@ -172,7 +177,8 @@ def run_federated_demo(state_dir: Path, *, seal: SealCommand) -> None:
                 noise_multiplier=1.0, noise="opendp", aggregator="trimmed_mean", trim_fraction=0.2,
                 min_participants=3, deadline=int(time.time() + ON_TIME_S), epsilon_per_round=EPSILON_PER_ROUND,
                 epsilon_total=EPSILON_TOTAL, delta=DELTA, evaluation_sha256=reference_sha256)
-            compose = build_round_compose("cardio-fed", contract, {s.name: s.address for s in sites})
+            compose = build_round_compose("cardio-fed", contract, {s.name: s.address for s in sites},
+                                          image_digest=image_digest)
             compose_path = records_dir / f"round-{round_number}.app-compose.json"
             compose_path.write_bytes(compose)
             hx = "0x" + compose_hash(compose).hex()

@@ -10,7 +10,9 @@ Exit codes (stable, documented in docs/cli.md):
 
 from __future__ import annotations
 
+import enum
 import hashlib
+import re
 import json
 import math
 import os
@@ -33,10 +35,12 @@ from auditor.verify import NotAReceipt, load_receipt, render_checklist, verify_r
 from compose.backends.launcher import ServiceStartError
 from compose.safe_parse import restore_recursion_limit
 from compose.stack_file import (
+    StackDeployment,
     StackDescription,
     StackError,
     StackRefused,
     default_state_dir,
+    read_keystore,
 )
 from contracts.chain import (
     Chain,
@@ -56,6 +60,7 @@ from cvm.sealed.dataset import (
 from kms_client.client import KmsClient, KmsError, KmsUnreachable
 from sealing_cli.common import (
     EXIT_INTERNAL,
+    EXIT_KEY,
     EXIT_REFUSED,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
@@ -75,11 +80,14 @@ from sealing_cli.common import (
     out,
     parse_compose_hash,
 )
+from sealing_cli.consortium import DEPLOYER_PASSWORD_ENV, ConsortiumError, load_consortium, write_starter
+from sealing_cli.deploy_cli import deploy_app
 from sealing_cli.image_cli import image_app
-from sealing_cli.devchain import ANVIL_FUNDER_KEY
+from sealing_cli.devchain import ANVIL_FUNDER_KEY, DevChainError
 from sealing_cli.os_images import kms_os_images_dir, register_os_image
 from sealing_cli.site_cli import site_app
 from sealing_cli.stack import DEFAULT_OWNER_NAMES, LocalStack
+from sealing_cli.study_cli import study_app
 
 # `seal` is `sealing_cli.main:app`: this module's import is its entry point. eth_account's py_ecc raised the
 # recursion limit to 100 000; back at the default, a crafted file nested deep fails cleanly instead of crashing.
@@ -89,6 +97,17 @@ restore_recursion_limit()
 app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Sealroom: sealed datasets, k-of-n consent on-chain, attested DP studies.")
+
+
+class BackendChoice(str, enum.Enum):
+    container = "container"
+    process = "process"
+
+
+BackendOpt = Annotated[BackendChoice, typer.Option(
+    "--backend", help="Where study CVMs run: `container` (a container of the pinned study image, on podman or "
+    "docker; no engine: refused, never a silent fallback) or the `process` fallback (this checkout's code on the "
+    "host's Python, under bubblewrap when there is one; NOT the image the compose pins)")]
 
 
 def _print_version(value: bool) -> None:
@@ -128,9 +147,44 @@ def _print_status(status: ComposeStatus, names: dict[str, str]) -> None:
 
 
 @app.command()
+def init(
+    folder: Annotated[Path, typer.Argument(help="Where to write consortium.toml: a new folder, or an empty one "
+                                           "(default: the current folder, if empty)")] = Path("."),
+) -> None:
+    """Write a starter consortium.toml (commented): the study, its owners, threshold, ε budget and chain, for
+    `seal up --consortium`. It never replaces a file."""
+    try:
+        path = write_starter(folder)
+    except ConsortiumError as exc:
+        fail(str(exc), EXIT_USAGE, "give a new or an empty folder: `seal init FOLDER`")
+    except OSError as exc:
+        fail(f"cannot write into {folder}: {exc.strerror or exc}", EXIT_USAGE)
+    out.print(f"wrote {path}")
+    out.print(f"next: put in the owners' names and addresses (and the chain), then `seal up --consortium {path}`")
+
+
+def _load_deployer(path: Path) -> LocalAccount:
+    """The account that pays for an external chain's deployment; its password from $SEAL_DEPLOYER_PASSWORD."""
+    password = os.environ.get(DEPLOYER_PASSWORD_ENV)
+    if password is None:
+        if not sys.stdin.isatty():
+            fail(f"no password for the deployer keystore {path}: {DEPLOYER_PASSWORD_ENV} is not set and there is "
+                 "no terminal to ask on", EXIT_KEY, f"set {DEPLOYER_PASSWORD_ENV}")
+        password = typer.prompt(f"password of the deployer keystore {path}", hide_input=True)
+    try:
+        return read_keystore(path, password)
+    except (OSError, ValueError, KeyError, TypeError) as exc:   # ValueError("MAC mismatch"): a wrong password
+        fail(f"could not open the deployer keystore {path}: {type(exc).__name__}: {exc}", EXIT_KEY,
+             f"check the path and {DEPLOYER_PASSWORD_ENV}")
+
+
+@app.command()
 def up(
     ctx: typer.Context,
     state_dir: StateDir = None,
+    consortium_file: Annotated[Optional[Path], typer.Option(
+        "--consortium", metavar="FILE", help="A consortium file (`seal init` writes one): the study, its owners, "
+        "threshold, ε budget and chain; used by the first start in a folder, checked by later ones")] = None,
     owners: Annotated[int, typer.Option(help="Number of dev owners (named after the demo's five sites); "
                                         "fixed by the first start in a folder")] = 5,
     threshold: Annotated[Optional[int], typer.Option(help="Approvals needed (default: all owners); fixed by "
@@ -140,6 +194,11 @@ def up(
     compose: Annotated[Optional[Path], typer.Option("--compose", exists=True, dir_okay=False,
                                                     help="Also boot a SIMULATED CVM for this app-compose.json "
                                                          "(its compose hash must be approved on-chain)")] = None,
+    backend: BackendOpt = BackendChoice.container,
+    image_digests: Annotated[Optional[list[str]], typer.Option(
+        "--image-digest", metavar="sha256:…", help="A study image digest composes may name (repeatable; default: "
+        "the study image built from this checkout in STATE/study-image, which the container backend builds when "
+        "missing)")] = None,
 ) -> None:
     """Start the local stack (anvil, contracts, KMS, API) and keep it running until Ctrl-C; started again in the
     same folder, it comes back with the same chain, contracts, KMS root and analysts' tokens."""
@@ -149,18 +208,43 @@ def up(
         fail(f"--threshold must be between 1 and the number of owners ({owners}), got {threshold}", EXIT_USAGE)
     if not (math.isfinite(epsilon_budget) and epsilon_budget > 0):
         fail(f"--epsilon-budget must be a finite number above 0, got {epsilon_budget}", EXIT_USAGE)
+    for digest in image_digests or ():
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest) or set(digest[7:]) == {"0"}:   # not the placeholder
+            fail(f"--image-digest must be a study image's digest, sha256:<64 hex digits>, got {digest!r}", EXIT_USAGE)
     directory = state_dir or default_state_dir()
+    # Options left at their defaults mean "as deployed" when the folder already holds a stack.
+    given = {name: getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
+             for name in ("owners", "epsilon_budget")}
+    consortium, deployer = None, None
+    if consortium_file is not None:
+        if given["owners"] or given["epsilon_budget"] or threshold is not None:
+            fail("--consortium gives the owners, threshold and ε budget: leave out --owners, --threshold and "
+                 "--epsilon-budget", EXIT_USAGE)
+        try:
+            consortium = load_consortium(consortium_file)
+        except ConsortiumError as exc:
+            fail(str(exc), EXIT_USAGE)
+    try:
+        recorded = StackDeployment.load(directory.resolve())
+    except StackRefused as exc:
+        fail(str(exc), EXIT_USAGE)
+    deployer_keystore = (consortium.chain.deployer_keystore if consortium is not None else
+                         Path(recorded.deployer_keystore) if recorded and recorded.rpc_url else None)
+    if deployer_keystore is not None:
+        deployer = _load_deployer(deployer_keystore)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `seal down`: unwind through the stack's clean-up
     try:
-        # Options left at their defaults mean "as deployed" when the folder already holds a stack.
-        given = {name: getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
-                 for name in ("owners", "epsilon_budget")}
         with LocalStack(directory, owner_names=DEFAULT_OWNER_NAMES[:owners] if given["owners"] else None,
                         threshold=threshold, epsilon_budget=epsilon_budget if given["epsilon_budget"] else None,
                         with_api=True, notify=lambda line: err.print(f"note: {escape(line)}", highlight=False),
-                        ) as stack:
+                        consortium=consortium, deployer=deployer, backend=backend.value,
+                        image_digests=tuple(image_digests) if image_digests else None) as stack:
             d = stack.description
-            out.print(f"[green]local stack up[/]  chain {d.chain_id} at {d.rpc_url}")
+            where = (f"external, a transaction counts after {d.confirmations} confirmation(s)"
+                     if d.chain == "external" else "embedded anvil")
+            out.print(f"[green]local stack up[/]  chain {d.chain_id} at {d.rpc_url} ({where})")
+            if d.study:
+                out.print(f"study {escape(d.study)}: owners {escape(', '.join(o.name for o in d.owners))}")
             if stack.resumed:
                 out.print(f"resumed the stack saved in {stack.state_dir}: same chain (block "
                           f"{stack.chain.w3.eth.block_number}), contracts, KMS root and analysts' tokens")
@@ -168,15 +252,21 @@ def up(
             out.print(f"KMS {d.services['kms']['url']} (dev mode: accepts SIMULATED quotes), root {d.services['kms']['root_address']}")
             out.print(f"analysts' REST API {d.services['api']['url']} (OpenAPI at /docs); issue a token with "
                       "`seal analyst-token NAME`")
+            if "console" in d.services:
+                out.print(f"owners' approval console {d.services['console']['url']} (review, co-sign, revoke)")
+            style = "" if stack.study_backend.kind == "container" else "bold red"
+            out.print(f"[{style}]study runs: {escape(stack.study_backend.label)}[/]" if style else
+                      f"study runs: {escape(stack.study_backend.label)}", highlight=False)
             out.print(f"stack description: {directory / 'stack.json'}   (Ctrl-C or `seal down` stops everything)")
             if compose is not None:
                 _boot_when_approved(stack, compose.resolve())
-            while True:
-                time.sleep(3600)
+            stack.supervise()   # until Ctrl-C or `seal down`: a service that dies is started again
     except KeyboardInterrupt:
         pass
     except StackRefused as exc:
         fail(str(exc), EXIT_USAGE)
+    except DevChainError as exc:
+        fail(str(exc), EXIT_UNREACHABLE, exc.hint)
     except (StackError, ChainError, ServiceStartError) as exc:
         fail(str(exc), EXIT_UNREACHABLE)
     out.print("local stack stopped")
@@ -187,29 +277,71 @@ def _boot_when_approved(stack: LocalStack, compose: Path) -> None:
     h = hashlib.sha256(compose.read_bytes()).digest()
     study = DstackApp(stack.chain, stack.description.dstack_app)
     out.print(f"waiting for the owners to approve compose hash 0x{h.hex()} before booting its SIMULATED CVM …")
-    while not study.status(h).allowed:
-        time.sleep(1)
+    checked = [0.0]
+
+    def approved() -> bool:   # asked once a second, while the stack's services are supervised
+        if time.monotonic() - checked[0] < 1:
+            return False
+        checked[0] = time.monotonic()
+        try:
+            return study.status(h).allowed
+        except ChainError:    # the chain is down for a moment: the supervisor starts it again
+            return False
+
+    stack.supervise(until=approved)
     out.print(f"SIMULATED CVM guest agent: DSTACK_SIMULATOR_ENDPOINT={stack.start_cvm(compose)}")
 
 
 @app.command("analyst-token")
 def analyst_token(
-    name: Annotated[str, typer.Argument(help="The analyst's name")],
-    state_dir: StateDir = None,
+    name: Annotated[Optional[str], typer.Argument(metavar="NAME", help="The analyst to issue a token for")] = None,
+    rotate: Annotated[bool, typer.Option("--rotate", help="Replace NAME's token: the old one stops working at "
+                                         "once")] = False,
+    list_names: Annotated[bool, typer.Option("--list", help="List the analysts who hold a token")] = False,
+    revoke: Annotated[Optional[str], typer.Option("--revoke", metavar="NAME", help="Revoke NAME's token")] = None,
+    state_dir: StateDir = None, as_json: JsonFlag = False,
 ) -> None:
-    """Issue an API token for an analyst. It is printed once; only its hash is kept."""
-    from compose.auth import issue_token
+    """Issue an API token for an analyst (printed once, alone on stdout; only its hash is kept), or --rotate,
+    --list or --revoke tokens. A name that holds a token is replaced only with --rotate."""
+    from compose.auth import AnalystExists, UnknownAnalyst, analyst_names, issue_token, revoke_token
 
+    if sum((name is not None, list_names, revoke is not None)) != 1:
+        fail("give one of NAME, --list or --revoke NAME", EXIT_USAGE, "`seal analyst-token -h` lists what it takes")
+    if rotate and name is None:
+        fail("--rotate goes with NAME", EXIT_USAGE)
     stack = load_stack(state_dir)
     api = stack.services.get("api")
     if api is None:
         fail("the local stack runs no analysts' API", EXIT_UNREACHABLE, "start the stack with `seal up`")
+    api_state = Path(api["state_dir"])
     try:
-        token = issue_token(Path(api["state_dir"]), name)
+        if list_names:
+            names = analyst_names(api_state)
+            if as_json:
+                out.print_json(json.dumps({"analysts": names}))
+            else:
+                for analyst in names:
+                    out.print(analyst, highlight=False)
+            return
+        if revoke is not None:
+            revoke_token(api_state, revoke)
+            if as_json:
+                out.print_json(json.dumps({"revoked": revoke}))
+            else:
+                err.print(f"revoked the token of analyst {revoke!r}: the API refuses it from now on", highlight=False)
+            return
+        token = issue_token(api_state, name, rotate=rotate)
+    except AnalystExists as exc:
+        fail(str(exc), EXIT_REFUSED, f"`seal analyst-token {name} --rotate` replaces it on purpose")
+    except UnknownAnalyst as exc:
+        fail(str(exc), EXIT_REFUSED, "`seal analyst-token --list` shows who holds one")
     except ValueError as exc:
         fail(str(exc), EXIT_USAGE)
-    err.print(f"token for analyst {name!r} (shown once; send it as `Authorization: Bearer …`):", highlight=False)
-    out.print(token, highlight=False)
+    verb = "rotated" if rotate else "issued"
+    err.print(f"token {verb} for analyst {name!r} (shown once; send it as `Authorization: Bearer …`, or set "
+              "SEAL_API_TOKEN for `seal study`):", highlight=False)
+    sys.stdout.write(token + "\n")   # alone on stdout, never wrapped or styled
+    sys.stdout.flush()
 
 
 @app.command()
@@ -294,18 +426,31 @@ def status(
     except ChainError as exc:
         chain_refused(exc)
     if as_json:
-        record = {"chain_id": stack.chain_id, "rpc_url": stack.rpc_url, "dstack_kms": stack.dstack_kms,
+        record = {"chain_id": stack.chain_id, "rpc_url": stack.rpc_url, "chain": stack.chain,
+                  "confirmations": stack.confirmations, "study": stack.study, "dstack_kms": stack.dstack_kms,
                   "dstack_app": stack.dstack_app, "threshold": stack.threshold, "owners": len(stack.owners),
                   "budget": budget.to_json(), "services": stack.services}
         if detail:
             record["compose"] = detail.to_json()
         out.print_json(json.dumps(record))
         return
-    out.print(f"chain {stack.chain_id} at {stack.rpc_url}")
+    out.print(f"chain {stack.chain_id} at {stack.rpc_url}" + (
+        f" (external, {stack.confirmations} confirmation(s))" if stack.chain == "external" else ""))
+    if stack.study:
+        out.print(f"study {escape(stack.study)}")
     out.print(f"DstackKms {stack.dstack_kms}   DstackApp (app_id) {stack.dstack_app}")
     for name, service in stack.services.items():
         where = service.get("url") or service.get("rpc_url") or service.get("endpoint", "")
-        notes = "  ".join(f"{k}={v}" for k, v in service.items() if k not in ("url", "rpc_url", "endpoint", "pid"))
+        restart_keys = ("restarts", "last_exit_code", "last_restart_at")
+        notes = "  ".join(f"{k}={v}" for k, v in service.items()
+                          if k not in ("url", "rpc_url", "endpoint", "pid", "backend", *restart_keys))
+        backend = service.get("backend")
+        if isinstance(backend, dict):     # the API's: which backend runs the studies (sealing_cli.study_backend)
+            notes += f"  backend={backend.get('kind')}" + (f" ({backend.get('engine_kind')}, image "
+                                                          f"{backend.get('image')})" if backend.get("image") else "")
+        if service.get("restarts"):
+            notes += (f"  restarted {service['restarts']}x (last exit code {service.get('last_exit_code')}, "
+                      f"last restart {service.get('last_restart_at')})")
         out.print(f"service {name:<6} {where}  pid {service.get('pid')}  {notes}")
     b = budget.to_json()
     out.print(f"privacy budget  ε spent {b['epsilon_spent']:g} of {b['epsilon_budget']:g}, "
@@ -434,6 +579,7 @@ def demo(
     state_dir: StateDir = None,
     small: Annotated[bool, typer.Option("--small", help="50,000 patients instead of 1.6 million (well under a minute)")] = False,
     federated: Annotated[bool, typer.Option("--federated", help="Run three federated rounds with five sites instead")] = False,
+    backend: BackendOpt = BackendChoice.container,
 ) -> None:
     """Run the demo study end to end on the embedded local stack."""
     try:
@@ -445,9 +591,12 @@ def demo(
             return
         from sealing_cli.demo import run_demo, transcript_runner
 
-        run_demo(state_dir or default_state_dir() / "demo", seal=transcript_runner(app), small=small)
+        run_demo(state_dir or default_state_dir() / "demo", seal=transcript_runner(app), small=small,
+                 backend=backend.value)
     except StackRefused as exc:   # a folder the demo did not make, or where a stack runs: left untouched
         fail(str(exc), EXIT_USAGE, "`seal demo` empties its folder first; it only empties folders it made itself")
+    except DevChainError as exc:
+        fail(str(exc), EXIT_UNREACHABLE, exc.hint)
 
 
 @app.command()
@@ -472,6 +621,15 @@ def verify(
                                                            dir_okay=False, readable=True)] = None,
     at: Annotated[Optional[int], typer.Option("--now", help="Judge certificates and collateral at this unix time "
                                               "(default: now)")] = None,
+    block_hash: Annotated[Optional[str], typer.Option("--block-hash", help="The hash of the receipt's recorded block, "
+                                                      "from a source you trust: link 4 checks the receipt's storage "
+                                                      "proofs against it (default: the chain node's)")] = None,
+    no_rpc: Annotated[bool, typer.Option("--no-rpc", help="Ask no chain node: link 4 needs --block-hash, the links "
+                                         "that read the chain otherwise fail as unreachable")] = False,
+    rebuild: Annotated[Optional[str], typer.Option(
+        "--rebuild", metavar="SOURCE", help="Rebuild the study image from SOURCE (a folder, or a git commit of the "
+        "repository here) with its own builder, and check (link 8, image) that its digest is the one the measured "
+        "compose pins: this receipt came from this source code")] = None,
     state_dir: StateDir = None, as_json: JsonFlag = False,
 ) -> None:
     """Check a run's receipt link by link from raw evidence; exit 0 only when every link holds (docs/auditor.md)."""
@@ -479,9 +637,15 @@ def verify(
         stack = StackDescription.load(state_dir)
     except StackError:
         stack = None
-    rpc_url = rpc or (stack.rpc_url if stack else None)
-    if rpc_url is None:
-        fail("no chain to check the receipt against", EXIT_USAGE, "pass --rpc URL, or start a local stack (`seal up`)")
+    rpc_url = None if no_rpc else rpc or (stack.rpc_url if stack else None)
+    if no_rpc and rpc is not None:
+        fail("--no-rpc and --rpc exclude each other", EXIT_USAGE)
+    if block_hash is not None and not (block_hash.startswith("0x") and len(block_hash) == 66
+                                       and all(c in "0123456789abcdefABCDEF" for c in block_hash[2:])):
+        fail(f"--block-hash must be a 0x-prefixed 32-byte hash, got {block_hash!r}", EXIT_USAGE)
+    if rpc_url is None and block_hash is None:
+        fail("no chain to check the receipt against", EXIT_USAGE,
+             "pass --rpc URL or --block-hash HASH, or start a local stack (`seal up`)")
     if kms_root is not None and not (kms_root.startswith("0x") and is_address(kms_root)):
         fail(f"--kms-root must be a 0x-prefixed address, got {kms_root!r}", EXIT_USAGE)
     pinned_root = kms_root or (stack.services.get("kms", {}).get("root_address") if stack else None)
@@ -504,16 +668,26 @@ def verify(
         receipt = load_receipt(receipt_file.read_bytes())
     except NotAReceipt as exc:
         fail(f"{receipt_file}: {exc}", EXIT_REFUSED)  # fail() escapes: the reason may quote the file
-    try:
-        chain = Chain(rpc_url)
-    except ChainUnreachable as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}; the on-chain links cannot be checked", highlight=False)
-        chain = None
+    rebuilt = None
+    if rebuild is not None:
+        from auditor.rebuild import rebuild_study_image
+
+        err.print(f"rebuilding the study image from {escape(rebuild)} (link 8) …", highlight=False)
+        rebuilt = rebuild_study_image(rebuild)
+        err.print(f"  {escape(rebuilt.digest or 'not rebuilt: ' + (rebuilt.error or ''))}"
+                  + (f" in {rebuilt.seconds:.1f} s" if rebuilt.seconds is not None else ""), highlight=False)
+    chain = None
+    if rpc_url is not None:
+        try:
+            chain = Chain(rpc_url)
+        except ChainUnreachable as exc:
+            err.print(f"[bold red]error:[/] {escape(str(exc))}; the on-chain links cannot be checked"
+                      + (" (link 4: only against --block-hash)" if block_hash else ""), highlight=False)
     try:
         report = verify_receipt(receipt, now=int(time.time()) if at is None else at, chain=chain,
                                 kms_root=pinned_root, collateral=collateral.read_text() if collateral else None,
                                 allow_simulated=allow_simulated, simulated_root_der=root_der,
-                                os_measurements=os_records)
+                                os_measurements=os_records, block_hash=block_hash, rebuilt_image=rebuilt)
     finally:
         if chain is not None:
             chain.close()
@@ -530,6 +704,7 @@ def verify(
 
 
 app.add_typer(site_app, name="site")
+app.add_typer(study_app, name="study")
 os_app = typer.Typer(no_args_is_help=True, help="The OS images the local KMS serves (their measured MRTD and RTMR0-2).")
 app.add_typer(os_app, name="os")
 
@@ -548,11 +723,20 @@ def os_register(
         record = load_record(record_file)
     except OsRecordInvalid as exc:
         fail(str(exc), EXIT_USAGE)
+    # The local stack's operator owns its DstackKms: the dev funder, or on an external chain the deployer.
+    operator = Account.from_key(ANVIL_FUNDER_KEY)
+    if stack.chain == "external":
+        try:
+            recorded = StackDeployment.load((state_dir or default_state_dir()).resolve())
+        except StackRefused as exc:
+            fail(str(exc), EXIT_USAGE)
+        if recorded is None or not recorded.deployer_keystore:
+            fail("the stack's chain is external, and its deployment names no deployer keystore", EXIT_KEY)
+        operator = _load_deployer(Path(recorded.deployer_keystore))
     try:
         with open_chain(stack) as chain:
-            # The local stack's operator (the dev funder) owns its DstackKms.
             done = register_os_image(state_dir or default_state_dir(), DstackKms(chain, stack.dstack_kms), record,
-                                     Account.from_key(ANVIL_FUNDER_KEY))
+                                     operator)
     except OsRecordConflict as exc:
         fail(str(exc), EXIT_REFUSED)
     except ChainError as exc:
@@ -566,6 +750,7 @@ def os_register(
     out.print(f"KMS record  {done.path} ({'registered' if done.recorded else 'already registered'})")
     out.print(f"DstackKms   {stack.dstack_kms}: {'now allows' if done.allowed else 'already allowed'} this image")
 app.add_typer(image_app, name="image")
+app.add_typer(deploy_app, name="deploy")
 
 
 def main() -> None:

@@ -32,12 +32,14 @@ from pathlib import Path
 
 import httpx
 from eth_account import Account
+from eth_account.signers.local import LocalAccount
 from eth_keys import keys as eth_keys
 
 from compose.backends import boot_simulated_agent
 from compose.backends.launcher import (
     ManagedProcess,
     ServiceStartError,
+    Supervisor,
     free_loopback_port,
 )
 from compose.stack_file import (
@@ -58,8 +60,10 @@ from cvm.attest.simulated import SIMULATED_OS_IMAGE, SimulatedTdx
 from kms.root_store import ROOT_STORE_FILENAME
 from kms_client import wire
 from kms_client.client import KmsClient, KmsError
+from sealing_cli.consortium import Consortium
 from sealing_cli.devchain import ANVIL_FUNDER_KEY, Anvil
 from sealing_cli.os_images import register_os_image
+from sealing_cli.study_backend import StudyBackend, prepare_study_backend
 
 DEFAULT_OWNER_NAMES = ("EU-West", "EU-North", "US-East", "APAC", "CH")
 DEFAULT_EPSILON_BUDGET = 3.0
@@ -68,6 +72,11 @@ KMS_PASSPHRASE_FILE = "kms.passphrase"
 CHAIN_STATE_FILE = Path("chain") / "anvil-state.json"
 LOCK_FILE = "stack.lock"
 _FUNDS = 10**20
+# On an external chain the deployer pays: it gives the KMS signer and the API proposer this much for their gas
+# (topped up at a start when they hold less than a tenth of it), and a transaction may take this long to confirm.
+EXTERNAL_SERVICE_FUNDS = 5 * 10**16
+EXTERNAL_TX_TIMEOUT_S = 300.0
+DEFAULT_CHAIN_ID = 31337
 _KEYSTORES = "keystores"
 
 
@@ -183,12 +192,30 @@ class LocalStack:
     them, load the chain and reuse them), start the KMS, and describe it all in stack.json.
 
     ``owner_names``, ``threshold`` and ``epsilon_budget`` are fixed by the first deployment. Left out (None), a
-    restart takes them from ``deployment.json``; given and different, the start is refused."""
+    restart takes them from ``deployment.json``; given and different, the start is refused.
+
+    ``consortium`` (a checked consortium file, `sealing_cli.consortium`) gives them instead, with the owners' own
+    addresses (no dev keys are made for them) and the chain: the embedded anvil, or an external JSON-RPC node, where
+    ``deployer`` pays for the deployment and funds the KMS signer and the API proposer, and transactions wait for
+    the file's confirmations. A restart of a folder deployed on an external chain needs ``deployer`` again.
+
+    ``backend`` is where the API runs study CVMs (`sealing_cli.study_backend`): ``"container"`` (the default; the
+    stack starts the container engine and builds the study image when its API starts, and refuses loudly without
+    an engine) or the ``"process"`` fallback. ``image_digests``: the study images composes may name (default: the
+    one built in ``STATE/study-image``)."""
 
     def __init__(self, state_dir: Path, *, owner_names: tuple[str, ...] | None = None,
                  threshold: int | None = None, epsilon_budget: float | None = None, with_api: bool = False,
-                 notify: Callable[[str], None] | None = None):
+                 notify: Callable[[str], None] | None = None, consortium: Consortium | None = None,
+                 deployer: LocalAccount | None = None, backend: str = "container",
+                 image_digests: tuple[str, ...] | None = None):
         self.state_dir = Path(state_dir).resolve()
+        self.backend, self.image_digests = backend, image_digests
+        self.study_backend: StudyBackend | None = None     # once the API has started
+        self.consortium, self.deployer = consortium, deployer
+        if consortium is not None:
+            owner_names = tuple(o.name for o in consortium.owners)
+            threshold, epsilon_budget = consortium.threshold, consortium.epsilon_budget
         self._asked = (tuple(owner_names) if owner_names is not None else None, threshold, epsilon_budget)
         self.owner_names = self._asked[0] or DEFAULT_OWNER_NAMES
         self.threshold = threshold or len(self.owner_names)
@@ -196,10 +223,15 @@ class LocalStack:
         self.with_api = with_api
         self.notify = notify or _note_to_stderr
         self._exit = ExitStack()
+        # `supervise()` starts a service that dies again (seal up runs it); it records restarts in stack.json.
+        self._supervisor = Supervisor(report=self._service_changed, notify=self.notify)
         self.description: StackDescription | None = None
         self.deployment: StackDeployment | None = None
         self.chain: Chain | None = None
         self.resumed = False     # True when this start reopened the folder's existing deployment
+        self.rpc_url = ""
+        self.external = False    # True on an external chain (a consortium file's rpc_url): no anvil runs here
+        self._service_password = DEV_KEYSTORE_PASSWORD
 
     def __enter__(self) -> LocalStack:
         try:
@@ -228,13 +260,30 @@ class LocalStack:
         self._kms_passphrase, self._kms_passphrase_source = kms_passphrase(self.state_dir)
         last = deployment.last_urls if deployment else {}
 
-        anvil = Anvil(log_path=self.state_dir / "anvil.log", state_path=self.state_dir / CHAIN_STATE_FILE,
-                      port=_port_if_free(last.get("anvil")))
-        self._exit.callback(anvil.stop)
-        chain = Chain(anvil.rpc_url)
+        external_url = self._external_url(deployment)
+        services: dict = {}
+        if external_url is None:
+            chain_id = deployment.chain_id if deployment else (
+                self.consortium and self.consortium.chain.chain_id) or DEFAULT_CHAIN_ID
+
+            def start_anvil(port: int | None) -> Anvil:   # a restart reloads the same state file, on the same port
+                return Anvil(log_path=self.state_dir / "anvil.log", state_path=self.state_dir / CHAIN_STATE_FILE,
+                             port=port, chain_id=chain_id)
+
+            anvil = start_anvil(_port_if_free(last.get("anvil")))
+            anvil_port = int(anvil.rpc_url.rsplit(":", 1)[1])
+            self._supervisor.watch("anvil", anvil, lambda: start_anvil(anvil_port),
+                                   log_path=self.state_dir / "anvil.log")
+            self._exit.callback(self._supervisor.stop, "anvil")
+            chain = Chain(anvil.rpc_url)
+            funder = Account.from_key(ANVIL_FUNDER_KEY)
+            self.rpc_url = anvil.rpc_url
+            services["anvil"] = {"pid": anvil.pid, "rpc_url": anvil.rpc_url,
+                                 "state": str(self.state_dir / CHAIN_STATE_FILE)}
+        else:
+            chain, funder = self._connect_external(external_url, deployment)
         self._exit.callback(chain.close)
         self.chain = chain
-        funder = Account.from_key(ANVIL_FUNDER_KEY)
         if deployment is not None:
             self._check_chain(deployment)
             self.resumed = True
@@ -244,21 +293,29 @@ class LocalStack:
 
         registry = DstackKms(chain, deployment.dstack_kms)
         self.registry = registry
-        self._kms_args = (anvil.rpc_url, registry.address, self.state_dir / deployment.kms_signer_keystore)
+        self._funder = funder
+        self._service_password = (self._kms_passphrase if deployment.service_keystores == "kms-passphrase"
+                                  else DEV_KEYSTORE_PASSWORD)
+        if self.external:
+            deployment.rpc_url = self.rpc_url   # a consortium file may name a new URL for the same chain
+            self._top_up(deployment.kms_signer)
+        self._kms_args = (self.rpc_url, registry.address, self.state_dir / deployment.kms_signer_keystore)
         kms_url, kms_meta = self._start_kms(_port_if_free(last.get("kms")))
         self._publish(registry, kms_meta, funder)
-        deployment.last_urls.update(anvil=anvil.rpc_url, kms=kms_url)
+        deployment.last_urls.update(kms=kms_url, **({} if self.external else {"anvil": self.rpc_url}))
         deployment.save(self.state_dir)
-        entries = [OwnerEntry(name=o.name, address=o.address, keystore=str(self.state_dir / o.keystore))
+        entries = [OwnerEntry(name=o.name, address=o.address, kind=o.kind,
+                              keystore=str(self.state_dir / o.keystore) if o.keystore else "")
                    for o in deployment.owners]
         self.description = StackDescription(
-            rpc_url=anvil.rpc_url, chain_id=chain.chain_id, dstack_kms=registry.address,
+            rpc_url=self.rpc_url, chain_id=chain.chain_id, dstack_kms=registry.address,
             dstack_app=deployment.dstack_app, threshold=deployment.threshold,
             epsilon_budget=deployment.epsilon_budget, owners=entries, kms_signer=deployment.kms_signer,
             kms_signer_keystore=str(self.state_dir / deployment.kms_signer_keystore), supervisor_pid=os.getpid(),
+            study=deployment.study, chain="external" if self.external else "embedded",
+            confirmations=chain.confirmations,
             services={
-                "anvil": {"pid": anvil.pid, "rpc_url": anvil.rpc_url,
-                          "state": str(self.state_dir / CHAIN_STATE_FILE)},
+                **services,
                 "kms": {"pid": self._kms.pid, "url": kms_url, "root_address": kms_meta.root_address,
                         "dev_mode": kms_meta.is_dev, "accepts": "SIMULATED TDX quotes (dev mode)"},
             },
@@ -266,6 +323,7 @@ class LocalStack:
         self.description.save(self.state_dir)
         if self.with_api:
             self.start_api()   # the API reads the stack description, then adds itself to it
+            self.start_console()   # the owners' approval console (issue 14), beside the API
 
     def _lock(self) -> None:
         """Hold ``stack.lock`` while this stack runs: a second start in the folder is refused, even mid-start."""
@@ -292,11 +350,12 @@ class LocalStack:
             conflicts.append(f"threshold {deployment.threshold} (asked: {threshold})")
         if budget is not None and budget != deployment.epsilon_budget:
             conflicts.append(f"ε budget {deployment.epsilon_budget:g} (asked: {budget:g})")
+        conflicts += self._consortium_conflicts(deployment)
         if conflicts:
             raise StackRefused(f"the stack in {self.state_dir} was deployed with {'; '.join(conflicts)}, and its "
                                "contracts fix them: start it again without those options, or use another "
                                "--state-dir for a new study")
-        for relative in [o.keystore for o in deployment.owners] + [deployment.kms_signer_keystore]:
+        for relative in [o.keystore for o in deployment.owners if o.kind == "dev"] + [deployment.kms_signer_keystore]:
             if not (self.state_dir / relative).is_file():
                 raise StackRefused(f"{self.state_dir / relative} is missing: the stack recorded in "
                                    f"{self.state_dir / DEPLOYMENT_FILE} cannot act without it")
@@ -305,7 +364,7 @@ class LocalStack:
     def _check_fresh_folder(self) -> None:
         """A first deployment creates its keystores; it never replaces files that are already there."""
         keys = self.state_dir / _KEYSTORES
-        planned = [keys / f"owner-{name}.json" for name in self.owner_names]
+        planned = [keys / f"owner-{name}.json" for name in self.owner_names] if self.consortium is None else []
         planned += [keys / "kms-signer.json", keys / "api-proposer.json"]
         present = [str(p) for p in planned if p.exists() or p.is_symlink()]
         if present:
@@ -315,7 +374,7 @@ class LocalStack:
     def _check_chain(self, deployment: StackDeployment) -> None:
         """The loaded chain must hold the contracts the folder deployed, with its owners and KMS signer."""
         chain = self.chain
-        state = self.state_dir / CHAIN_STATE_FILE
+        state = self.rpc_url if self.external else self.state_dir / CHAIN_STATE_FILE
         if chain.chain_id != deployment.chain_id:
             raise StackError(f"the chain in {state} has chain id {chain.chain_id}, "
                              f"the deployment {deployment.chain_id}")
@@ -332,14 +391,22 @@ class LocalStack:
                              f"{DEPLOYMENT_FILE} records; the stack cannot resume")
 
     def _deploy(self, funder) -> StackDeployment:
-        """First start: fund fresh dev accounts, deploy the contracts, then write the keystores and the record."""
+        """First start: fund fresh dev accounts (or a consortium file's owners, on the embedded chain), deploy the
+        contracts, then write the keystores and the record."""
         chain = self.chain
-        owners = [(name, Account.create()) for name in self.owner_names]
+        if self.consortium is None:
+            owners = [(name, Account.create()) for name in self.owner_names]
+            addresses = [a.address for _, a in owners]
+        else:   # the owners' own accounts: their keys are theirs, never made or kept here
+            owners, addresses = [], [o.address for o in self.consortium.owners]
         kms_signer = Account.create()
-        for _, account in (*owners, ("kms-signer", kms_signer)):
-            chain.fund(funder, account.address, _FUNDS)
+        if self.external:   # owners pay their own gas; the deployer funds the KMS signer's spends
+            chain.fund(funder, kms_signer.address, EXTERNAL_SERVICE_FUNDS)
+        else:
+            for address in (*addresses, kms_signer.address):
+                chain.fund(funder, address, _FUNDS)
         registry = DstackKms.deploy(chain, funder)
-        app = DstackApp.deploy(chain, funder, owners=[a.address for _, a in owners], threshold=self.threshold,
+        app = DstackApp.deploy(chain, funder, owners=addresses, threshold=self.threshold,
                                epsilon_budget=self.epsilon_budget, kms_signer=kms_signer.address)
         registry.register_app(app.address, funder)
         # The keystores and the record that names them are written together, right after the deployment.
@@ -350,14 +417,77 @@ class LocalStack:
             relative = f"{_KEYSTORES}/owner-{name}.json"
             write_keystore(account, self.state_dir / relative, DEV_KEYSTORE_PASSWORD)
             entries.append(OwnerEntry(name=name, address=account.address, keystore=relative))
+        for owner in self.consortium.owners if self.consortium else ():
+            entries.append(OwnerEntry(name=owner.name, address=owner.address, keystore=str(owner.keystore or ""),
+                                      kind="keystore" if owner.keystore else "address"))
+        service_keystores = "kms-passphrase" if self.external else "dev"
         signer_keystore = f"{_KEYSTORES}/kms-signer.json"
-        write_keystore(kms_signer, self.state_dir / signer_keystore, DEV_KEYSTORE_PASSWORD)
+        write_keystore(kms_signer, self.state_dir / signer_keystore,
+                       self._kms_passphrase if self.external else DEV_KEYSTORE_PASSWORD)
+        settings = self.consortium.chain if self.consortium else None
         deployment = StackDeployment(
             chain_id=chain.chain_id, dstack_kms=registry.address, dstack_app=app.address, threshold=self.threshold,
             epsilon_budget=self.epsilon_budget, owners=entries, kms_signer=kms_signer.address,
-            kms_signer_keystore=signer_keystore)
+            kms_signer_keystore=signer_keystore, study=self.consortium.study if self.consortium else "",
+            rpc_url=self.rpc_url if self.external else "", confirmations=chain.confirmations,
+            deployer=funder.address if self.external else "",
+            deployer_keystore=str(settings.deployer_keystore) if settings and settings.deployer_keystore else "",
+            service_keystores=service_keystores)
         deployment.save(self.state_dir)
         return deployment
+
+    # --- a consortium file, an external chain -------------------------------------------------------------------
+
+    def _consortium_conflicts(self, deployment: StackDeployment) -> list[str]:
+        """What a consortium file given again says that the folder's deployment does not (names, threshold and
+        budget are compared with the flags')."""
+        if self.consortium is None:
+            return []
+        conflicts = []
+        given = [o.address for o in self.consortium.owners]
+        if [a.lower() for a in given] != [o.address.lower() for o in deployment.owners]:
+            conflicts.append(f"owner addresses {', '.join(o.address for o in deployment.owners)} (asked: "
+                             f"{', '.join(given)})")
+        settings = self.consortium.chain
+        if settings.embedded != (not deployment.rpc_url):
+            conflicts.append("the embedded chain" if not deployment.rpc_url else f"the chain at {deployment.rpc_url}")
+        if settings.chain_id is not None and settings.chain_id != deployment.chain_id:
+            conflicts.append(f"chain id {deployment.chain_id} (asked: {settings.chain_id})")
+        if deployment.rpc_url and settings.confirmations != deployment.confirmations:
+            conflicts.append(f"{deployment.confirmations} confirmations (asked: {settings.confirmations})")
+        return conflicts
+
+    def _external_url(self, deployment: StackDeployment | None) -> str | None:
+        """The external chain's JSON-RPC URL (the consortium file's, else the folder's deployment's), or None for
+        the embedded anvil."""
+        if self.consortium is not None:
+            return self.consortium.chain.rpc_url
+        return deployment.rpc_url if deployment is not None and deployment.rpc_url else None
+
+    def _connect_external(self, url: str, deployment: StackDeployment | None) -> tuple[Chain, LocalAccount]:
+        """Connect to the external chain; check its chain id and the deployer who pays for this stack."""
+        confirmations = self.consortium.chain.confirmations if self.consortium else deployment.confirmations
+        expected = deployment.deployer if deployment is not None else ""
+        if self.deployer is None:
+            raise StackRefused(f"the stack's chain is external ({url}): starting it needs the deployer's key "
+                               "(the deployer_keystore of the consortium file)")
+        if expected and self.deployer.address.lower() != expected.lower():
+            raise StackRefused(f"the deployer key is {self.deployer.address}, but this folder's contracts were "
+                               f"deployed by {expected}, which owns DstackKms; use that account's keystore")
+        chain = Chain(url, confirmations=confirmations, tx_timeout_s=EXTERNAL_TX_TIMEOUT_S)
+        wanted = self.consortium.chain.chain_id if self.consortium else None
+        if wanted is not None and chain.chain_id != wanted:
+            chain.close()
+            raise StackRefused(f"chain.chain_id is {wanted}, but the node at {url} reports chain id {chain.chain_id}"
+                               "; nothing was deployed")
+        self.rpc_url, self.external = url, True
+        return chain, self.deployer
+
+    def _top_up(self, address: str) -> None:
+        """On an external chain, give a service account (the KMS signer, the API proposer) gas money when it runs
+        low; the embedded chain funds them generously once."""
+        if self.chain.w3.eth.get_balance(address) < EXTERNAL_SERVICE_FUNDS // 10:
+            self.chain.fund(self._funder, address, EXTERNAL_SERVICE_FUNDS)
 
     def _publish(self, registry: DstackKms, meta: wire.Meta, funder) -> None:
         """The operator registers the KMS root auditors pin and the (simulated) OS image it accepts — once: a
@@ -394,26 +524,33 @@ class LocalStack:
 
         store = self.state_dir / "kms" / ROOT_STORE_FILENAME
         existed = store.exists()
-        try:
-            self._kms = ManagedProcess(
+
+        def spawn() -> ManagedProcess:   # a restart: the same URL, state folder and passphrase
+            return ManagedProcess(
                 "kms",
                 [sys.executable, "-m", "kms", "--state-dir", str(self.state_dir / "kms"), "--rpc-url", rpc_url,
                  "--dstack-kms", registry_address, "--port", url.rsplit(":", 1)[1], "--signer-keystore",
-                 str(signer_keystore), "--dev", "--simulated-root", str(root_der)],
+                 str(signer_keystore), "--dev", "--simulated-root", str(root_der),
+                 "--confirmations", str(self.chain.confirmations)],
                 ready=answers, log_path=self.state_dir / "kms.log",
-                env={KMS_PASSPHRASE_ENV: self._kms_passphrase, "SEALROOM_KMS_SIGNER_PASSWORD": DEV_KEYSTORE_PASSWORD},
+                env={KMS_PASSPHRASE_ENV: self._kms_passphrase, "SEALROOM_KMS_SIGNER_PASSWORD": self._service_password},
             )
+
+        try:
+            self._kms = spawn()
         except ServiceStartError as exc:
             if existed and "passphrase" in str(exc):
                 raise StackRefused(f"the KMS root store {store} does not open with the passphrase from "
                                    f"{self._kms_passphrase_source} ({exc}); set {KMS_PASSPHRASE_ENV} to the "
                                    "passphrase it was sealed with. The store is left untouched") from None
             raise
-        self._exit.callback(lambda: self._kms.stop())
+        self._supervisor.watch("kms", self._kms, spawn, log_path=self.state_dir / "kms.log")
+        self._exit.callback(self._supervisor.stop, "kms")
         return url, client.meta()
 
     def restart_kms(self) -> wire.Meta:
         """Stop the KMS and start it again on the same state folder (its root keys survive, encrypted at rest)."""
+        self._kms = self._supervisor.process("kms") or self._kms
         self._kms.stop()
         url, meta = self._start_kms(_port_if_free(self.description.services["kms"]["url"]))
         self.description.services["kms"].update(pid=self._kms.pid, url=url)
@@ -444,26 +581,32 @@ class LocalStack:
         do the proposer account and, when its port is free, the API's URL; issue tokens there with
         `compose.auth.issue_token`."""
         d, deployment = self.description, self.deployment
-        funder = Account.from_key(ANVIL_FUNDER_KEY)
+        funder = self._funder
+        funds = EXTERNAL_SERVICE_FUNDS if self.external else _FUNDS
         if deployment.api_proposer_keystore:
             keystore = self.state_dir / deployment.api_proposer_keystore
-            proposer = read_keystore(keystore, DEV_KEYSTORE_PASSWORD)
-            if self.chain.w3.eth.get_balance(proposer.address) < _FUNDS // 100:
-                self.chain.fund(funder, proposer.address, _FUNDS)
+            proposer = read_keystore(keystore, self._service_password)
+            if self.chain.w3.eth.get_balance(proposer.address) < funds // (10 if self.external else 100):
+                self.chain.fund(funder, proposer.address, funds)
         else:
             relative = f"{_KEYSTORES}/api-proposer.json"
             keystore = self.state_dir / relative
             proposer = Account.create()
             try:
-                write_keystore(proposer, keystore, DEV_KEYSTORE_PASSWORD)
+                write_keystore(proposer, keystore, self._service_password)
             except FileExistsError:
                 raise StackRefused(f"{keystore} exists but {DEPLOYMENT_FILE} does not name it: it is not this "
                                    "stack's and is left as it is") from None
-            self.chain.fund(funder, proposer.address, _FUNDS)
+            self.chain.fund(funder, proposer.address, funds)
             deployment.api_proposer, deployment.api_proposer_keystore = proposer.address, relative
             deployment.save(self.state_dir)
         url = f"http://127.0.0.1:{_port_if_free(deployment.last_urls.get('api')) or free_loopback_port()}"
         api_dir = self.state_dir / "api"
+        if self.study_backend is None:   # the engine (stopped after the API) and the study image, once
+            self.study_backend = prepare_study_backend(self.backend, self.state_dir, d, exit_stack=self._exit,
+                                                       image_digests=self.image_digests, hidden=[api_dir],
+                                                       notify=self.notify)
+        backend_args = self.study_backend.api_args
 
         def answers() -> bool:
             try:
@@ -471,20 +614,81 @@ class LocalStack:
             except httpx.TransportError:
                 return False
 
-        process = ManagedProcess(
-            "api",
-            [sys.executable, "-m", "compose.api", "--stack-state-dir", str(self.state_dir), "--state-dir",
-             str(api_dir), "--port", url.rsplit(":", 1)[1], "--proposer-keystore", str(keystore)],
-            ready=answers, log_path=self.state_dir / "api.log",
-            env={"SEALROOM_API_PROPOSER_PASSWORD": DEV_KEYSTORE_PASSWORD},
-        )
-        self._exit.callback(process.stop)
+        def spawn() -> ManagedProcess:   # a restart: the same URL and state folder
+            return ManagedProcess(
+                "api",
+                [sys.executable, "-m", "compose.api", "--stack-state-dir", str(self.state_dir), "--state-dir",
+                 str(api_dir), "--port", url.rsplit(":", 1)[1], "--proposer-keystore", str(keystore), *backend_args],
+                ready=answers, log_path=self.state_dir / "api.log",
+                env={"SEALROOM_API_PROPOSER_PASSWORD": self._service_password},
+            )
+
+        process = spawn()
+        self._supervisor.watch("api", process, spawn, log_path=self.state_dir / "api.log")
+        self._exit.callback(self._supervisor.stop, "api")
         d.services["api"] = {"pid": process.pid, "url": url, "state_dir": str(api_dir),
-                             "proposer": proposer.address}
+                             "proposer": proposer.address, "backend": self.study_backend.record}
         d.save(self.state_dir)
         deployment.last_urls["api"] = url
         deployment.save(self.state_dir)
         return url
+
+    def start_console(self) -> str:
+        """Start the owners' approval console (`python -m console`) on loopback, with its own funded relayer
+        account (``keystores/console-relayer.json``) that relays owners' EIP-712 approvals; return its URL."""
+        d, deployment = self.description, self.deployment
+        funds = EXTERNAL_SERVICE_FUNDS if self.external else _FUNDS
+        keystore = self.state_dir / _KEYSTORES / "console-relayer.json"
+        if keystore.exists():
+            relayer = read_keystore(keystore, self._service_password)
+        else:
+            relayer = Account.create()
+            write_keystore(relayer, keystore, self._service_password)
+        if self.chain.w3.eth.get_balance(relayer.address) < funds // (10 if self.external else 100):
+            self.chain.fund(self._funder, relayer.address, funds)
+        url = f"http://127.0.0.1:{_port_if_free(deployment.last_urls.get('console')) or free_loopback_port()}"
+
+        def answers() -> bool:
+            try:
+                return httpx.get(f"{url}/", timeout=1.0).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        def spawn() -> ManagedProcess:   # a restart: the same URL
+            return ManagedProcess(
+                "console",
+                [sys.executable, "-m", "console", "--stack-state-dir", str(self.state_dir), "--port",
+                 url.rsplit(":", 1)[1], "--relayer-keystore", str(keystore)],
+                ready=answers, log_path=self.state_dir / "console.log",
+                env={"SEALROOM_CONSOLE_RELAYER_PASSWORD": self._service_password},
+            )
+
+        process = spawn()
+        self._supervisor.watch("console", process, spawn, log_path=self.state_dir / "console.log")
+        self._exit.callback(self._supervisor.stop, "console")
+        d.services["console"] = {"pid": process.pid, "url": url, "relayer": relayer.address}
+        d.save(self.state_dir)
+        deployment.last_urls["console"] = url
+        deployment.save(self.state_dir)
+        return url
+
+    # --- supervision ------------------------------------------------------------------------------------------------
+
+    def supervise(self, until: Callable[[], bool] | None = None, *, poll_s: float = 0.25) -> None:
+        """Watch anvil, the KMS and the API until ``until()`` is true (without it, until interrupted): one that
+        exits is started again on the same port and state (the chain reloads its state file, the KMS reopens its
+        root store), after a back-off of 0.5 s doubling up to 30 s, reset once it has stayed up a minute. Each
+        restart is logged in the service's log and recorded in its stack.json entry (``restarts``,
+        ``last_exit_code``, ``last_restart_at``, ``status``), where `seal status` shows it."""
+        while until is None or not until():
+            self._supervisor.check()
+            time.sleep(poll_s)
+
+    def _service_changed(self, name: str, fields: dict) -> None:
+        if self.description is None or name not in self.description.services:
+            return
+        self.description.services[name].update(fields)
+        self.description.save(self.state_dir)
 
     def stop(self) -> None:
         self._exit.close()

@@ -20,7 +20,10 @@ from cvm.analyses.cohorts import generate_site, write_parquet
 from sealing_cli.main import app as seal_cli
 from sealing_cli.stack import LocalStack
 
-YAML = "services:\n  study:\n    image: sealroom/study@sha256:" + "3" * 64 + "\n"
+# The studies here run on the process backend (this checkout's code), so the image they name is a stand-in: a
+# well-formed study image digest that the tests' API allowlists explicitly (start_study_stack).
+IMAGE_DIGEST = "sha256:" + "3" * 64
+YAML = f"services:\n  study:\n    image: sealroom/study-runner@{IMAGE_DIGEST}\n"
 SITES = {"A": "EU-West", "B": "APAC"}
 STATS_PARAMS = {"max_rows": 10_000, "queries": [
     {"kind": "count", "name": "patients"},
@@ -46,13 +49,13 @@ class StudyWorld:
         return (self.stack.state_dir / "simulated-tdx" / "root.der").read_bytes()
 
 
-def make_recipe(owners: dict, *, epsilon: float = 1.0, study: str = "run-test") -> bytes:
+def make_recipe(owners: dict, *, epsilon: float = 1.0, study: str = "run-test", yaml: str = YAML) -> bytes:
     manifest = StudyManifest.model_validate({
         "study": study, "inputs": [{"owner": owners[n].address, "name": site} for n, site in SITES.items()],
         "analysis": {"kind": "dp_stats", "params": STATS_PARAMS},
         "epsilon": epsilon, "delta": 1e-6, "output_type": "aggregate_stats",
     })
-    return normalized_json_bytes(build_app_compose(study, YAML, manifest))
+    return normalized_json_bytes(build_app_compose(study, yaml, manifest))
 
 
 def run_cvm(stack: LocalStack, compose_path: Path, sealed: list[str], receipt: Path, *, name: str = "cvm"):
@@ -64,11 +67,13 @@ def run_cvm(stack: LocalStack, compose_path: Path, sealed: list[str], receipt: P
         env={**os.environ, "DSTACK_SIMULATOR_ENDPOINT": endpoint}, capture_output=True, text=True, timeout=300)
 
 
-def build_study_world(stack: LocalStack, *, epsilon_per_run: float = 1.0) -> StudyWorld:
-    """Owners A and B approve a dp_stats recipe, seal 2,000 synthetic rows each, and one run produces a receipt."""
+def build_study_world(stack: LocalStack, *, epsilon_per_run: float = 1.0, image: str | None = None) -> StudyWorld:
+    """Owners A and B approve a dp_stats recipe, seal 2,000 synthetic rows each, and one run produces a receipt.
+    ``image``: the study image reference its compose names (default: the stand-in of YAML)."""
     state, d = stack.state_dir, stack.description
     owners = {o.name: read_keystore(o.keystore, d.dev_keystore_password) for o in d.owners}
-    body = make_recipe(owners, epsilon=epsilon_per_run)
+    body = make_recipe(owners, epsilon=epsilon_per_run,
+                       yaml=YAML if image is None else f"services:\n  study:\n    image: {image}\n")
     compose_path = state / "app-compose.json"
     compose_path.write_bytes(body)
     h = compose_hash(body)
@@ -92,4 +97,8 @@ def build_study_world(stack: LocalStack, *, epsilon_per_run: float = 1.0) -> Stu
 
 
 def start_study_stack(state: Path, *, epsilon_budget: float = 2.0) -> LocalStack:
-    return LocalStack(state, owner_names=tuple(SITES), threshold=len(SITES), epsilon_budget=epsilon_budget)
+    """A stack for two owners whose API (when started) runs studies on the process backend and accepts composes
+    naming the stand-in IMAGE_DIGEST: these tests are not about the container backend (test_container_backend.py
+    is)."""
+    return LocalStack(state, owner_names=tuple(SITES), threshold=len(SITES), epsilon_budget=epsilon_budget,
+                      backend="process", image_digests=(IMAGE_DIGEST,))

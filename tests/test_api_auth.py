@@ -11,9 +11,13 @@ from compose import api, auth, backends
 from compose.auth import (
     ANALYSTS_FILE,
     TOKEN_PREFIX,
+    AnalystExists,
     AnalystTokens,
     Unauthenticated,
+    UnknownAnalyst,
+    analyst_names,
     issue_token,
+    revoke_token,
 )
 
 
@@ -43,13 +47,55 @@ def test_each_analyst_is_told_apart_by_their_token(tmp_path):
     assert tokens.authenticate(f"bearer {bob}") == "bob"
 
 
-def test_reissuing_a_token_replaces_the_old_one(tmp_path):
+def test_rotating_a_token_replaces_the_old_one(tmp_path):
     old = issue_token(tmp_path, "alice")
-    new = issue_token(tmp_path, "alice")
+    new = issue_token(tmp_path, "alice", rotate=True)
     tokens = AnalystTokens(tmp_path)
     assert tokens.authenticate(f"Bearer {new}") == "alice"
     with pytest.raises(Unauthenticated, match="not one an analyst holds"):
         tokens.authenticate(f"Bearer {old}")
+
+
+def test_a_name_that_holds_a_token_is_not_replaced_without_rotate(tmp_path):
+    token = issue_token(tmp_path, "alice")
+    before = (tmp_path / ANALYSTS_FILE).read_bytes()
+    with pytest.raises(AnalystExists, match="already holds a token"):
+        issue_token(tmp_path, "alice")
+    assert (tmp_path / ANALYSTS_FILE).read_bytes() == before
+    assert AnalystTokens(tmp_path).authenticate(f"Bearer {token}") == "alice"
+
+
+def test_a_revoked_token_is_refused_and_the_others_still_work(tmp_path):
+    alice, bob = issue_token(tmp_path, "alice"), issue_token(tmp_path, "bob")
+    assert analyst_names(tmp_path) == ["alice", "bob"]
+    revoke_token(tmp_path, "alice")
+    assert analyst_names(tmp_path) == ["bob"]
+    with pytest.raises(Unauthenticated, match="not one an analyst holds"):
+        AnalystTokens(tmp_path).authenticate(f"Bearer {alice}")
+    assert AnalystTokens(tmp_path).authenticate(f"Bearer {bob}") == "bob"
+    with pytest.raises(UnknownAnalyst, match="no analyst 'alice'"):
+        revoke_token(tmp_path, "alice")
+    fresh = issue_token(tmp_path, "alice")           # the name is free again
+    assert AnalystTokens(tmp_path).authenticate(f"Bearer {fresh}") == "alice"
+
+
+def test_no_analysts_file_lists_nobody_and_revokes_nothing(tmp_path):
+    assert analyst_names(tmp_path) == []
+    with pytest.raises(UnknownAnalyst):
+        revoke_token(tmp_path, "alice")
+    assert not (tmp_path / ANALYSTS_FILE).exists()
+
+
+def test_tokens_issued_at_once_are_all_kept(tmp_path):
+    """The read-modify-write of analysts.json is locked: no issue loses another's token."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [f"analyst-{i}" for i in range(24)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        tokens = dict(zip(names, pool.map(lambda name: issue_token(tmp_path, name), names)))
+    assert analyst_names(tmp_path) == sorted(names)
+    check = AnalystTokens(tmp_path)
+    assert all(check.authenticate(f"Bearer {token}") == name for name, token in tokens.items())
 
 
 @pytest.mark.parametrize(("header", "reason"), [

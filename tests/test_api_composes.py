@@ -17,7 +17,7 @@ from compose.auth import issue_token
 from compose.stack_file import read_keystore
 from contracts.chain import DstackApp
 from sealing_cli.stack import LocalStack
-from tests.study_world import SITES, STATS_PARAMS, YAML, start_study_stack
+from tests.study_world import IMAGE_DIGEST, SITES, STATS_PARAMS, YAML, start_study_stack
 
 
 @dataclass
@@ -143,6 +143,34 @@ def test_an_invalid_submission_is_refused_and_nothing_is_proposed(api, change, s
         reply = client.post("/composes", json=body)
     assert reply.status_code == status and fragment in reply.text
     assert api.stack.chain.w3.eth.get_transaction_count(proposer) == sent      # no proposal was sent
+
+
+@pytest.mark.parametrize(("image", "fragment"), [
+    ("sealroom/study-runner:latest", "named by tag, not by digest"),
+    ("sealroom/study-runner", "named by tag, not by digest"),
+    ("sealroom/study-runner@sha256:" + "0" * 64, "placeholder"),
+    ("sealroom/study-runner@sha256:" + "ab" * 32, f"its digest is not an allowed study image digest (allowed here: "
+                                                  f"{IMAGE_DIGEST})"),
+    (f"sealroom/study-runner:v1@{IMAGE_DIGEST}", "carries a tag as well as a digest"),
+    (f"docker.io/library/python@{IMAGE_DIGEST}", "only sealroom/study-runner images may run"),
+], ids=["tag", "no-tag", "placeholder", "unknown-digest", "tag-and-digest", "other-repository"])
+def test_a_compose_that_does_not_pin_an_allowed_study_image_is_refused_before_anything_is_proposed(api, image,
+                                                                                                   fragment):
+    """Issue 12: the services must name sealroom/study-runner by the digest of a known build (here the API's
+    explicit allowlist, IMAGE_DIGEST); anything else is refused with 422 and the reason, before a proposal."""
+    body = submission(api.owners, study="image-test")
+    body["docker_compose"] = f"services:\n  study:\n    image: {image}\n    command: [python, -m, cvm.run]\n"
+    proposer = api.stack.description.services["api"]["proposer"]
+    sent = api.stack.chain.w3.eth.get_transaction_count(proposer)
+    stored = set((Path(api.stack.description.services["api"]["state_dir"]) / "composes").iterdir())
+    with api.client() as client:
+        reply = client.post("/composes", json=body)
+    assert reply.status_code == 422, reply.text
+    detail = reply.json()["detail"]
+    assert detail.startswith("docker_compose: the study image is refused: service 1 of 1") and fragment in detail
+    assert image not in detail.replace("pin sealroom/study-runner@sha256:<digest>", "")   # no echo of the request
+    assert api.stack.chain.w3.eth.get_transaction_count(proposer) == sent      # no proposal was sent
+    assert set((Path(api.stack.description.services["api"]["state_dir"]) / "composes").iterdir()) == stored
 
 
 def test_a_run_on_a_pending_compose_never_starts(api, submitted):

@@ -27,8 +27,9 @@ from auditor.receipt import NotAReceipt, Receipt, parse_receipt
 from auditor.verify import verify_receipt
 from compose.app_compose import compose_hash, normalized_json_bytes
 from contracts.chain import Chain
+from contracts.storage import DstackAppSlots
 from cvm.attest.eventlog import RuntimeEvent, parse_event_log, replay_rtmr
-from cvm.attest.simulated import SimulatedTdx, mr_config_id_v1
+from cvm.attest.simulated import SIMULATED_OS_IMAGE, SimulatedTdx, mr_config_id_v1
 from cvm.labels import INPUTS_EVENT
 from tests.study_world import StudyWorld, build_study_world, make_recipe, start_study_stack
 from tests.test_verify_mutations import flipped
@@ -71,7 +72,8 @@ def w(tmp_path_factory):
             raw = study.receipt
             receipt = parse_receipt(raw)
             pins = Pins(now=int(time.time()), kms_root=d.services["kms"]["root_address"], allow_simulated=True,
-                        simulated_root_der=study.simulated_root_der)
+                        simulated_root_der=study.simulated_root_der,
+                        os_measurements=(SIMULATED_OS_IMAGE.measurement_record(),))
             proven_quote = quote.check(receipt, pins).proven
             proven_log = event_log.check(receipt, proven_quote, pins).proven
             recipe = event_log.recipe(proven_log, receipt)
@@ -310,7 +312,8 @@ def test_on_chain_revocation_after_the_run_holds_with_a_warning(w):
 
 def test_on_chain_breaks_as_unreachable_without_a_chain(w):
     refused = broken(on_chain.check, w.receipt, w.recipe, None)
-    assert refused.unreachable and refused.reason == "cannot be checked: the chain could not be reached"
+    assert refused.unreachable and refused.reason == ("cannot be checked: the chain could not be reached and no "
+                                                      "block hash was given (--block-hash)")
 
 
 @pytest.mark.parametrize("changes, reason", [
@@ -332,7 +335,7 @@ def test_on_chain_bounds_the_recorded_block(w):
     assert "the recorded block 1000000000 is not on this chain" in beyond.reason and beyond.proven is None
     first_approval = w.raw["chain"]["approvals"][0]["block"]
     early = broken(on_chain.check, at(first_approval), w.recipe, w.chain)
-    assert "the compose hash was not allowed (1 of 2 approvals)" in early.reason
+    assert "the block header hashes to" in early.reason   # the proofs are of the run's block, not this one
     assert early.proven == OnChainProof(recorded_block=first_approval)  # the block is bounded; no release
 
 
@@ -344,7 +347,7 @@ def test_on_chain_breaks_on_a_release_that_is_not_this_runs(w):
     other_tx = broken(on_chain.check, w.with_envelope(release={**release, "tx": "11" * 32}), w.recipe, w.chain)
     assert "was recorded in another transaction than the envelope names" in other_tx.reason
     other_hash = broken(on_chain.check, w.receipt, dataclasses.replace(w.recipe, compose_hash=bytes(32)), w.chain)
-    assert "spent the budget of another compose hash" in other_hash.reason
+    assert f"no storage proof of slot 0x{DstackAppSlots().compose_flags(bytes(32))[0].number:064x}" in other_hash.reason
 
 
 # ---- link 5: signature-chain ---------------------------------------------------------------------------------------------

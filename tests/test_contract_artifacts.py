@@ -117,7 +117,9 @@ def test_committed_artifacts_equal_fresh_compile(fresh):
 
 def test_artifact_has_exactly_the_documented_fields(fresh):
     for name, artifact in fresh.items():
-        assert set(artifact) == {"contractName", "abi", "bytecode", "solcVersion", "sourceSha256"}
+        assert set(artifact) == {"contractName", "abi", "bytecode", "deployedBytecode", "immutableReferences",
+                                 "storageLayout", "solcVersion", "sourceSha256"}
+        assert artifact["deployedBytecode"][2:] in artifact["bytecode"]
         assert artifact["contractName"] == name
         assert artifact["bytecode"].startswith("0x") and len(artifact["bytecode"]) > 2
         assert artifact["solcVersion"].startswith("0.8.37+commit.f401782d")

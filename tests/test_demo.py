@@ -18,9 +18,26 @@ def run_demo(state_dir: Path, *args: str) -> str:
     return result.stdout
 
 
+def _engine_available(tmp_path: Path) -> bool:
+    from compose.backends.engine import EngineUnavailable, connect_engine
+
+    try:
+        connect_engine(tmp_path / "probe").close()
+    except EngineUnavailable as error:
+        print(f"\nNO CONTAINER ENGINE ({error}): the small demo runs on the explicit process fallback", file=sys.stderr)
+        return False
+    return True
+
+
 def test_small_demo_runs_end_to_end_and_leaves_no_process(tmp_path):
-    out = run_demo(tmp_path / "demo", "--small")
+    """What `make demo` runs (at full size): the study in a container of the pinned study image, and its receipt
+    verified with `--rebuild` of this checkout (link 8, image). Without a container engine: the process fallback,
+    named as such."""
+    container = _engine_available(tmp_path)
+    out = run_demo(tmp_path / "demo", "--small", *([] if container else ["--backend", "process"]))
+    assert ("study runs: container backend (" if container else "study runs: PROCESS BACKEND") in out
     assert "signed aggregate: model_weights" in out and "SIMULATED TEE: True" in out
+    assert "--rebuild " in out and "8 image" in out and "rebuilt bit for bit from the source folder" in out
     assert "verdict: VERIFIED — SIMULATED TEE" in out
     assert "refused (409)" in out and "Compose hash revoked" in out
     assert "ε spent 1.5 of 3, 1.5 left" in out          # the refused run spent nothing

@@ -39,7 +39,8 @@ def cohort() -> pa.Table:
 
 
 def _spec(**overrides) -> TrainingSpec:
-    settings = dict(features=dict(FEATURE_BOUNDS), label=OUTCOME, batch_size=2048, epochs=2, learning_rate=0.1)
+    settings = dict(features=dict(FEATURE_BOUNDS), label=OUTCOME, batch_size=2048, epochs=2, learning_rate=0.1,
+                    held_out_fraction=0.2)
     return TrainingSpec(**{**settings, **overrides})
 
 

@@ -56,6 +56,8 @@ SIZE = 24
 SITES = make_sites(3, seed=4)
 SITE_NAMES = {f"site-{i}": site.address for i, site in enumerate(SITES)}
 APP_ID = bytes.fromhex("5fbdb2315678afecb367f032d93f642f64180aa3")
+# The aggregator runs here as a host process, not from the image: any well-formed study image digest will do.
+IMAGE_DIGEST = "sha256:" + "7a" * 32
 OTHER_APP_ID = b"\x01" * 20
 KMS_ROOT = eth_keys.PrivateKey(hashlib.sha256(b"aggregator test KMS root").digest())
 DSTACK_KMS = to_checksum_address("0x" + "22" * 20)
@@ -120,7 +122,8 @@ class GatedNoise:
         return self._inner.add(vector, l2_sensitivity=l2_sensitivity, noise_multiplier=noise_multiplier)
 
 
-def fake_chain_evidence(chain, *, app_id: bytes, dstack_kms: str, compose_hash: bytes) -> ChainEvidence:
+def fake_chain_evidence(chain, *, app_id: bytes, dstack_kms: str, compose_hash: bytes,
+                        release_id: object = None) -> ChainEvidence:
     return ChainEvidence(chain_id=31337, dstack_app=to_checksum_address(app_id), dstack_kms=dstack_kms,
                          kms_root_address=KMS_ROOT.public_key.to_checksum_address(), block=1, approvals=[])
 
@@ -131,7 +134,7 @@ class RoundCvm:
 
     def __init__(self, folder: Path, platform: Path, contract: RoundContract, app_id: bytes = APP_ID):
         self.contract = contract
-        self.compose = build_round_compose("fed-agg-test", contract, SITE_NAMES)
+        self.compose = build_round_compose("fed-agg-test", contract, SITE_NAMES, image_digest=IMAGE_DIGEST)
         agent = GuestAgentSimulator.boot(self.compose, app_id, AppKeys(app_id), platform)
         self.root = SimulatedTdx.load_or_create(platform).root_der
         folder.mkdir(parents=True, exist_ok=True)
@@ -463,3 +466,22 @@ def test_the_cli_refuses_a_bad_previous_record_before_opening_the_kms(rounds, mo
         extra += ["--previous", _write(tmp_path, attestation)]
     code, err = run_cli(rounds, monkeypatch, capsys, tmp_path, *extra)
     assert code == 1 and reason in err and "unreachable" not in err, err
+
+
+def test_a_round_recipe_runs_the_aggregator_from_the_study_image_named_by_its_digest():
+    import yaml
+
+    from compose.app_compose import manifest_from_app_compose
+    from compose.image import image_allowed
+
+    compose = build_round_compose("fed-image", round_contract(PARENT_1), SITE_NAMES, image_digest=IMAGE_DIGEST)
+    (service,) = yaml.safe_load(json.loads(compose)["docker_compose_file"])["services"].values()
+    assert service["image"] == f"sealroom/study-runner@{IMAGE_DIGEST}"
+    assert service["command"] == ["python", "-m", "cvm.aggregator"]
+    assert manifest_from_app_compose(compose).analysis.kind == "fed_round"
+    assert image_allowed(compose, allowed=[IMAGE_DIGEST]) is None               # what the API and backend accept
+    other = "sha256:" + "7b" * 32
+    assert build_round_compose("fed-image", round_contract(PARENT_1), SITE_NAMES, image_digest=other) != compose
+    for bad in ("sha256:" + "0" * 64, "latest", "sha256:" + "7A" * 32, "sealroom/study-runner@" + IMAGE_DIGEST):
+        with pytest.raises(ValueError, match="image_digest"):
+            build_round_compose("fed-image", round_contract(PARENT_1), SITE_NAMES, image_digest=bad)

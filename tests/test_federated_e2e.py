@@ -51,6 +51,7 @@ from sealing_cli.site import (
 from sealing_cli.stack import LocalStack
 
 SITES = ("EU-West", "APAC", "CH")
+IMAGE_DIGEST = "sha256:" + "7a" * 32   # the aggregator runs as a host process here, not from the image
 # C's only in-round update is over the norm, so C never has a valid update and the round closes at its deadline
 # (run_round closes early only when every eligible site has one): short, but long enough for the checks before.
 DEADLINE_S = 40
@@ -119,7 +120,8 @@ def build_world(state: Path) -> tuple[LocalStack, World]:
         local_epochs=1, local_batch_size=128, clip_norm=1.0, noise_multiplier=1.0, noise="opendp",
         aggregator="fedavg", min_participants=2, deadline=int(time.time()) + DEADLINE_S, epsilon_per_round=5.0,
         epsilon_total=10.0, delta=1e-5, evaluation_sha256=reference.sha256)
-    compose = build_round_compose("fed-test", contract, {s: accounts[s].address for s in SITES})
+    compose = build_round_compose("fed-test", contract, {s: accounts[s].address for s in SITES},
+                                  image_digest=IMAGE_DIGEST)
     compose_path = state / "round-1.app-compose.json"
     compose_path.write_bytes(compose)
     app = DstackApp(stack.chain, d.dstack_app)
@@ -162,7 +164,7 @@ def test_an_aggregator_under_another_simulated_root_gets_nothing(world, tmp_path
 
 def test_an_aggregator_running_another_compose_than_the_one_given_gets_nothing(world):
     other = build_round_compose("fed-test", world.contract.model_copy(update={"min_participants": 3}),
-                                {s: world.accounts[s].address for s in SITES})
+                                {s: world.accounts[s].address for s in SITES}, image_digest=IMAGE_DIGEST)
     received = world.received()
     with pytest.raises(AggregatorNotTrusted, match="not the round compose given"):
         world.attest(SITES[0], app_compose=other)
@@ -348,7 +350,8 @@ def test_a_revoked_round_gets_nothing(world, published):
     """On its own round compose and aggregator: revoking the shared one would starve the other tests. (After the
     round, because booting another aggregator takes long enough to eat the round's deadline.)"""
     contract = world.contract.model_copy(update={"min_participants": 3, "deadline": int(time.time()) + 600})
-    compose = build_round_compose("fed-test-revoked", contract, {s: world.accounts[s].address for s in SITES})
+    compose = build_round_compose("fed-test-revoked", contract, {s: world.accounts[s].address for s in SITES},
+                                  image_digest=IMAGE_DIGEST)
     compose_path = world.state_dir / "round-1-revoked.app-compose.json"
     compose_path.write_bytes(compose)
     compose_hash = hashlib.sha256(compose).digest()

@@ -18,8 +18,9 @@ parser's deeper checks run), deep nesting and oversized numbers.
 | ``cvm.aggregator.update_from_bytes`` (+ validate_updates) | ``UpdateUnreadable`` (a bad update is a Rejection) |
 | ``kms_client.box`` open_bytes / open_answer       | ``BoxOpenFailed``                                      |
 
-The budget is fixed for CI: ``max_examples`` per test, no deadline, derandomized (the same cases on every run)
-and no example database. ``tests/fuzz_report.py`` prints one line per parser at the end of the run.
+The budget is fixed for CI: ``max_examples`` per test, no deadline, derandomized and no example database, so a
+run repeats exactly (for a given ``--randomly-seed``: the shuffled order can shift a few cases). A failure prints
+its falsifying input. ``tests/fuzz_report.py`` prints one line per parser at the end of the run.
 
 Every Sealroom entry point puts the interpreter's recursion limit back to CPython's default
 (``compose.safe_parse.restore_recursion_limit``: py_ecc raises it to 100 000, where a deeply nested document
@@ -50,6 +51,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+import cvm.analyses.params  # noqa: F401  (see below)
+from auditor.verify import NotAReceipt, load_receipt, verify_receipt
 from compose.app_compose import (
     InvalidAppCompose,
     build_app_compose,
@@ -57,6 +60,7 @@ from compose.app_compose import (
     normalized_json_bytes,
 )
 from compose.manifest import ManifestInvalid, StudyManifest, validate_manifest
+from cvm.aggregator import UpdateUnreadable, update_from_bytes, update_to_bytes
 from cvm.attest.eventlog import (
     EventLogMismatch,
     RuntimeEvent,
@@ -66,13 +70,21 @@ from cvm.attest.eventlog import (
     replay_rtmr,
     runtime_event_digest,
 )
+from cvm.attest.simulated import SIMULATED_BOOT_EVENTS, SIMULATED_OS_IMAGE_HASH, SimulatedTdx, mr_config_id_v1
 from cvm.attest.tdx_quote import QuoteFormatError, parse_quote_unverified
+from cvm.federated import RoundContract, sign_update
+from cvm.federated.validation import validate_updates
+from cvm.receipt import envelope_digest
 from cvm.sealed import envelope as sealed_envelope
 from cvm.sealed.dataset import SealedFileError, open_sealed, read_envelope, seal_file, verify_payload
 from cvm.sealed.stream import payload_length
 from kms_client.box import BoxOpenFailed, SealedAnswer, open_answer, open_bytes, raw_public, seal_to_bytes
 
 pytest_plugins = ["tests.fuzz_report"]  # the per-parser counts at the end of the run
+
+# Every module the parsers import lazily is imported above (cvm.analyses.params: by validate_manifest): hypothesis
+# draws constants from the project modules loaded when a test runs, so with all of them loaded at collection, the
+# cases do not depend on the test order (pytest-randomly).
 
 # ----------------------------------------------------------------------------------------------- budget
 
@@ -719,34 +731,72 @@ def test_study_manifest_deeply_nested_params(depth: int, kind: str) -> None:
 # --------------------------------------------------------------------------------------------------- receipt
 
 
-def _receipt_sample() -> dict[str, Any]:
+RECEIPT_NOW = 1_750_003_600  # an hour after the simulated platform's certificates begin
+
+
+@cache
+def simulated_platform() -> SimulatedTdx:
+    with tempfile.TemporaryDirectory() as folder:
+        return SimulatedTdx.load_or_create(folder, now=RECEIPT_NOW - 3600)
+
+
+def _receipt(inputs_payload: bytes = b'{"a":"' + b"22" * 32 + b'","b":"' + b"ab" * 32 + b'"}',
+             key_provider: bytes = b'{"name":"kms","id":"00"}', *, log_as_list: bool = False) -> dict[str, Any]:
+    """A receipt whose pieces agree where no chain is needed: the SIMULATED quote carries the event log's RTMR3,
+    MRCONFIGID names the compose hash, report_data binds the envelope digest; so every link parses its evidence
+    (links 4 and 5 then fail as unreachable: there is no chain)."""
+    app_compose = _normalized(app_compose_sample())
+    compose_hash = hashlib.sha256(app_compose).digest()
+    app_id = bytes.fromhex("f022" * 10)
     events = [RuntimeEvent.measure(name, payload) for name, payload in (
-        ("app-id", bytes.fromhex("f022" * 10)), ("compose-hash", bytes(32)), ("system-ready", b""))]
+        ("system-preparing", b""), ("app-id", app_id), ("compose-hash", compose_hash), ("instance-id", bytes(20)),
+        ("boot-mr-done", b""), ("os-image-hash", SIMULATED_OS_IMAGE_HASH), ("key-provider", key_provider),
+        ("system-ready", b""), ("sealroom-inputs", inputs_payload))]
+    payload = {"output_type": "aggregate_stats", "spent": {"epsilon": 1.0, "delta": 1e-6}, "result": {}}
     envelope = {
-        "format": "sealroom-result/v1", "simulated": True, "output_type": "aggregate_stats",
-        "payload": {"output_type": "aggregate_stats", "spent": {"epsilon": 1.0, "delta": 1e-6}, "result": {}},
-        "payload_sha256": "00" * 32, "app_id": "0x" + "f022" * 10, "compose_hash": "00" * 32, "chain_id": 31337,
-        "block": 12, "dstack_app": "0x" + "f022" * 10, "dstack_kms": "0x" + "11" * 20, "epsilon_spent": 1.0,
-        "epsilon_remaining": 1.0, "inputs": {"a": {"ciphertext_sha256": "22" * 32, "owner": "0x" + "33" * 20}},
+        "format": "sealroom-result/v1", "simulated": True, "output_type": "aggregate_stats", "payload": payload,
+        "payload_sha256": hashlib.sha256(normalized_json_bytes(payload)).hexdigest(), "app_id": "0x" + app_id.hex(),
+        "compose_hash": compose_hash.hex(), "chain_id": 31337, "block": 12, "dstack_app": "0x" + app_id.hex(),
+        "dstack_kms": "0x" + "11" * 20, "epsilon_spent": 1.0, "epsilon_remaining": 1.0,
+        "inputs": {"a": {"ciphertext_sha256": "22" * 32, "owner": "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"},
+                   "b": {"ciphertext_sha256": "ab" * 32, "owner": "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"}},
         "release": {"release_id": "44" * 32, "tx": "55" * 32},
     }
+    digest = envelope_digest(envelope)
+    quote = simulated_platform().make_quote(digest.ljust(64, b"\0"), rtmr3=replay_rtmr(e.digest for e in events),
+                                            mr_config_id=mr_config_id_v1(compose_hash))
+    events = [*SIMULATED_BOOT_EVENTS, *events]  # RTMR0-2 entries: they replay to the quote's RTMR0-2
     return {
-        "format": "sealroom-attestation/v1", "simulated": True, "envelope": envelope, "envelope_digest": "66" * 32,
+        "format": "sealroom-attestation/v1", "simulated": True, "envelope": envelope, "envelope_digest": digest.hex(),
         "signature": {"algorithm": "secp256k1", "purpose": "signing", "signature": "77" * 65,
                       "public_key": "88" * 33, "signature_chain": ["99" * 65, "aa" * 65]},
-        "quote": real_quotes()[0].hex(), "event_log": event_log_json(events),
-        "app_compose": normalized_json_bytes(app_compose_sample()).decode(),
-        "chain": {"chain_id": 31337, "dstack_app": "0x" + "f022" * 10, "dstack_kms": "0x" + "11" * 20,
+        "quote": quote.hex(),
+        "event_log": [e.to_entry() for e in events] if log_as_list else event_log_json(events),
+        "app_compose": app_compose.decode("utf-8", "surrogatepass"),
+        "chain": {"chain_id": 31337, "dstack_app": "0x" + app_id.hex(), "dstack_kms": "0x" + "11" * 20,
                   "kms_root_address": "0x" + "bb" * 20, "block": 12, "approvals": []},
         "collateral": None,
     }
 
 
+@cache
+def receipt_sample(log_as_list: bool) -> dict[str, Any]:
+    return _receipt(log_as_list=log_as_list)
+
+
+def _verify_receipt_text(text: str | bytes, allow_simulated: bool = True) -> None:
+    loaded = None
+    with case("receipt", NotAReceipt):
+        loaded = load_receipt(text)
+    if loaded is not None:
+        with case("receipt", NotAReceipt):  # parses the receipt, then runs every link
+            verify_receipt(loaded, now=RECEIPT_NOW, chain=None, allow_simulated=allow_simulated,
+                           simulated_root_der=simulated_platform().root_der)
+
+
 @LARGE
 @given(st.one_of(json_texts, json_texts.map(lambda t: t.encode("utf-8", "surrogatepass")), st.binary(max_size=80)))
 def test_receipt_load_random_text(text: str | bytes) -> None:
-    from auditor.verify import NotAReceipt, load_receipt
-
     with case("receipt", NotAReceipt):
         load_receipt(text)
 
@@ -754,23 +804,21 @@ def test_receipt_load_random_text(text: str | bytes) -> None:
 @MEDIUM
 @given(st.data())
 def test_receipt_fields_replaced(data: st.DataObject) -> None:
-    """A receipt with any fields replaced: loading and parsing refuse only another format (NotAReceipt);
-    every other problem is a failed link in the report, never an exception."""
-    from auditor.verify import NotAReceipt, load_receipt, verify_receipt
-
-    receipt = _receipt_sample()
+    """A receipt with any fields replaced: loading refuses only what is not a v1 receipt (NotAReceipt); every
+    other problem is a failed link in the report, never an exception."""
+    receipt = receipt_sample(data.draw(st.booleans()))
     for _ in range(data.draw(st.integers(min_value=1, max_value=3))):
         receipt = data.draw(field_replaced(receipt))
-    text = _dumps_any(receipt)
-    loaded = None
-    with case("receipt", NotAReceipt):
-        loaded = load_receipt(text)
-    if loaded is None:
-        return
-    allow_simulated = data.draw(st.booleans())
-    with case("receipt", NotAReceipt):  # parses the receipt, then runs every link
-        verify_receipt(loaded, now=1_800_000_000, chain=None, allow_simulated=allow_simulated,
-                       simulated_root_der=b"not a certificate")
+    _verify_receipt_text(_dumps_any(receipt), data.draw(st.booleans()))
+
+
+@SMALL
+@given(json_texts.map(lambda t: t.encode("utf-8", "surrogatepass")) | st.binary(max_size=40), st.booleans())
+def test_receipt_measured_payloads(payload: bytes, which: bool) -> None:
+    """The measured inputs (an app event) or the key-provider payload replaced by anything, in a log that still
+    replays to the quote's RTMR3: the links that read them parse them."""
+    receipt = _receipt(inputs_payload=payload) if which else _receipt(key_provider=payload)
+    _verify_receipt_text(json.dumps(receipt))
 
 
 # --------------------------------------------------------------------------------- federated update frame
@@ -781,9 +829,6 @@ UPDATE_PARENT = "cd" * 32
 
 @cache
 def update_sample() -> tuple[bytes, Any]:
-    from cvm.aggregator import update_to_bytes
-    from cvm.federated import RoundContract, sign_update
-
     update = sign_update(UPDATE_SITE_KEY, round_number=1, parent_digest=UPDATE_PARENT, num_examples=40,
                          vector=np.linspace(-0.1, 0.1, 8, dtype=np.float32))
     contract = RoundContract.model_validate({
@@ -795,9 +840,6 @@ def update_sample() -> tuple[bytes, Any]:
 
 
 def _read_update(frame: bytes) -> None:
-    from cvm.aggregator import UpdateUnreadable, update_from_bytes
-    from cvm.federated.validation import validate_updates
-
     update = None
     with case("fed-update-frame", UpdateUnreadable):
         update = update_from_bytes(frame)

@@ -247,4 +247,6 @@ def test_public_surface():
         "derive_owner_seal_key",
         "owner_seal_pubkey_digest",
         "sign_owner_seal_pubkey",
+        "derive_env_encrypt_key",
+        "sign_env_encrypt_pubkey",
     }

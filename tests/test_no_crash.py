@@ -325,7 +325,8 @@ def test_sealed_files_over_the_upload_cap_are_refused_and_nothing_is_kept(world,
 
     api = ManagedProcess("small-api", [sys.executable, "-m", "compose.api", "--stack-state-dir",
                                        str(world.stack.state_dir), "--state-dir", str(state), "--port", str(port),
-                                       "--proposer-keystore", str(keystore), "--max-upload-bytes", "100000"],
+                                       "--proposer-keystore", str(keystore), "--max-upload-bytes", "100000",
+                                       "--backend", "process"],
                          ready=answers, log_path=tmp_path / "small-api.log",
                          env={"SEALROOM_API_PROPOSER_PASSWORD": DEV_KEYSTORE_PASSWORD})
     try:

@@ -152,7 +152,7 @@ def test_seal_up_boots_the_cvm_once_approved_and_down_leaves_no_process(tmp_path
     def seal_cli(*args):
         return subprocess.run([seal_bin, *args, *state], capture_output=True, text=True, timeout=60)
 
-    up = subprocess.Popen([seal_bin, "up", "--owners", "2", "--compose", str(compose), *state],
+    up = subprocess.Popen([seal_bin, "up", "--owners", "2", "--compose", str(compose), "--backend", "process", *state],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for(lambda: (tmp_path / "stack.json").exists()

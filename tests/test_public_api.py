@@ -11,7 +11,7 @@ PUBLIC = {
                    "InputChangedWhileSealing", "MalformedSealedFile", "OpenedDataset", "SealSummary", "SealedFileError",
                    "SealedForAnotherRecipe", "UnsupportedFormatVersion", "open_sealed", "read_envelope", "seal_file"},
     "kms_client": {"AppKey", "KmsAnswerInvalid", "KmsAppKeyProvider", "KmsClient", "KmsError", "KmsRefused",
-                   "KmsUnreachable", "OwnerKeyRelease", "make_key_provider"},
+                   "KmsUnavailable", "KmsUnreachable", "OwnerKeyRelease", "make_key_provider"},
 }
 
 

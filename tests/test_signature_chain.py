@@ -469,6 +469,6 @@ def test_public_surface():
     assert set(signature_chain.__all__) == {
         "MAX_CLOCK_SKEW_S", "LINK_CHAIN", "LINK_MESSAGE", "LINK_APP_KEY", "LINK_KMS", "KmsClientError",
         "UntrustedKmsKey", "SignatureChainMismatch", "ChainRoots", "verify_owner_seal_pubkey", "recover_signature_chain",
-        "verify_signature_chain", "verify_get_key_response",
+        "verify_signature_chain", "verify_get_key_response", "verify_env_encrypt_pubkey",
     }
     assert all(hasattr(signature_chain, name) for name in signature_chain.__all__)

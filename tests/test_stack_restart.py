@@ -151,8 +151,8 @@ class SealUp:
         self.state, self.out, self.err = state, state.parent / f"{tag}.out", state.parent / f"{tag}.err"
         env = {k: v for k, v in os.environ.items() if k != KMS_PASSPHRASE_ENV}
         with self.out.open("wb") as out, self.err.open("wb") as err:
-            self.process = subprocess.Popen([SEAL, "up", "--state-dir", str(state), *args], stdout=out, stderr=err,
-                                            env=env)
+            self.process = subprocess.Popen([SEAL, "up", "--state-dir", str(state), "--backend", "process", *args],
+                                            stdout=out, stderr=err, env=env)
         deadline = time.monotonic() + 120
         while "stack description:" not in self.out.read_text():
             assert self.process.poll() is None, self.err.read_text()

@@ -17,6 +17,7 @@ import pytest
 
 from compose.image import (
     PLACEHOLDER_DIGEST,
+    ImageAllowlist,
     ImageNotBuilt,
     StaleImage,
     app_sources,
@@ -59,7 +60,8 @@ def test_two_builds_in_different_folders_give_the_same_digest(built, tmp_path):
     sources = copy_sources(tmp_path / "elsewhere")
     second = build_study_image(tmp_path / "out", root=sources, layer_cache=False, log=quiet)
     assert second.digest == first.digest and second.config_digest == first.config_digest
-    assert [layer["from_cache"] for layer in second.document["layers"]] == [False, False, False]
+    assert [layer["from_cache"] for layer in second.document["layers"]] == [False, False, False, False]
+    assert [layer["name"] for layer in second.document["layers"]] == ["base", "python", "bytecode", "app"]
     for layer in first.document["layers"]:       # every blob bit for bit, not only the manifest
         assert blob(first.layout, layer["digest"]) == blob(second.layout, layer["digest"]) or pytest.fail(layer)
 
@@ -72,8 +74,9 @@ def test_a_one_byte_change_to_the_cvm_code_changes_the_digest(built, tmp_path):
     changed = build_study_image(tmp_path / "out", root=sources, log=quiet)
     assert changed.digest != first.digest
     before, after = first.document["layers"], changed.document["layers"]
-    assert [b["digest"] for b in before[:2]] == [a["digest"] for a in after[:2]]   # base and wheels: the same
-    assert before[2]["digest"] != after[2]["digest"]
+    # base, wheels and their bytecode: the same; the app layer (code and its bytecode) differs
+    assert [b["digest"] for b in before[:3]] == [a["digest"] for a in after[:3]]
+    assert before[3]["digest"] != after[3]["digest"]
 
 
 def test_the_layout_is_a_valid_oci_image_that_names_its_inputs(built):
@@ -100,13 +103,15 @@ def test_the_layout_is_a_valid_oci_image_that_names_its_inputs(built):
     assert inputs["source_date_epoch"] == 0
 
 
-def test_the_layers_are_normalised_and_hold_no_tests_compiler_or_bytecode(built):
+def test_the_layers_are_normalised_and_hold_no_tests_or_compiler_and_only_unchecked_hash_bytecode(built):
     _, record = built
     names: list[str] = []
+    headers: dict[str, bytes] = {}
     for layer in record.document["layers"]:
         path = record.layout / "blobs" / "sha256" / layer["digest"].split(":", 1)[1]
         with tarfile.open(path) as archive:
             members = archive.getmembers()
+            headers.update({m.name: archive.extractfile(m).read(16) for m in members if m.name.endswith(".pyc")})
         assert [m.name for m in members] == sorted(m.name for m in members)
         assert {(m.mtime, m.uid, m.gid, m.uname, m.gname) for m in members} == {(0, 0, 0, "", "")}
         names += [m.name for m in members]
@@ -114,10 +119,40 @@ def test_the_layers_are_normalised_and_hold_no_tests_compiler_or_bytecode(built)
     assert "opt/sealroom/app/cvm/run.py" in app and "opt/sealroom/app/contracts/artifacts/DstackApp.json" in app
     assert not [n for n in app if n.split("/")[3] in ("tests", "sealing_cli", "auditor")]
     assert "opt/sealroom/app/compose/api.py" not in app            # only what the entry points import
-    assert not [n for n in names if n.endswith((".pyc", ".pyo"))]
+    # Bytecode: CPython 3.11's, unchecked-hash (PEP 552: flags 0b01, no mtime), each next to its source.
+    assert not [n for n in names if n.endswith(".pyo")]
+    assert "opt/sealroom/app/cvm/__pycache__/run.cpython-311.pyc" in headers
+    assert "usr/lib/python3.11/__pycache__/os.cpython-311.pyc" in headers
+    assert "usr/lib/python3/dist-packages/torch/__pycache__/__init__.cpython-311.pyc" in headers
+    sources = set(names)
+    for pyc, header in headers.items():
+        folder, _, file = pyc.rpartition("/__pycache__/")
+        module = file.removesuffix(".cpython-311.pyc")
+        assert file.endswith(".cpython-311.pyc") and f"{folder}/{module}.py" in sources, pyc
+        assert header[:4] == (3495).to_bytes(2, "little") + b"\r\n" and header[4:8] == b"\x01\0\0\0", pyc
     compilers = {"gcc", "cc", "c++", "g++", "clang", "tcc", "as", "ld", "cpp"}
     assert not [n for n in names if n.startswith(("usr/bin/", "bin/")) and n.rsplit("/", 1)[-1] in compilers]
     assert "usr/bin/python3.11" in names and "etc/passwd" in names
+
+
+def test_bytecode_is_compiled_by_the_image_s_python_the_same_whatever_the_order(built):
+    """The image's own CPython 3.11 (run from its base layer) compiles: the pyc names the path in the image, holds
+    the source's hash (unchecked), and is the same bytes in any order; what does not compile gets no pyc."""
+    import importlib.util
+    import marshal
+
+    from compose.image.bytecode import compile_bytecode
+
+    _, record = built
+    base = record.layout / "blobs" / "sha256" / record.document["layers"][0]["digest"].split(":", 1)[1]
+    sources = {f"opt/probe/m{i}.py": f"X = {{'a', 'b', {i}}}\ndef f():\n    return X\n".encode() for i in range(12)}
+    sources["opt/probe/broken.py"] = b"def (:\n"
+    first = compile_bytecode(base, sources=sources)
+    second = compile_bytecode(base, sources=dict(reversed(list(sources.items()))))
+    assert first == second and "opt/probe/__pycache__/broken.cpython-311.pyc" not in first
+    pyc = first["opt/probe/__pycache__/m3.cpython-311.pyc"]
+    assert pyc[4:8] == b"\x01\0\0\0" and pyc[8:16] == importlib.util.source_hash(sources["opt/probe/m3.py"])
+    assert marshal.loads(pyc[16:]).co_filename == "/opt/probe/m3.py"
 
 
 def test_the_oci_archive_stream_is_a_tar_of_the_layout(built, tmp_path):
@@ -186,6 +221,28 @@ def test_image_allowed_takes_only_the_built_digest(built):
     assert "not an allowed" in image_allowed(app_compose, allowed=["sha256:" + "cd" * 32])
     assert "no study image digest is allowed here" in image_allowed(yaml_naming(record.reference),
                                                                      state_dir=state / "elsewhere")
+
+
+def test_the_api_allowlist_reads_the_current_build_at_each_check_or_takes_explicit_digests(built, tmp_path):
+    state, record = built
+    later = ImageAllowlist(state_dir=tmp_path)
+    assert "no study image is built" in later.refusal(yaml_naming(record.reference))
+    (tmp_path / "study-image").mkdir()                 # a build appears while the API runs: it counts at once
+    shutil.copy(state / "study-image" / "build-record.json", tmp_path / "study-image" / "build-record.json")
+    assert later.refusal(yaml_naming(record.reference)) is None
+    other = "sha256:" + "cd" * 32
+    explicit = ImageAllowlist([other])
+    assert explicit.refusal(yaml_naming(f"sealroom/study-runner@{other}")) is None
+    assert f"{record.digest} is not an allowed study image digest (allowed here: {other})" in explicit.refusal(
+        yaml_naming(record.reference))
+    # Worded for the API: the compose's own values are not repeated.
+    assert explicit.refusal(yaml_naming("sealroom/study-runner:v9"), echo=False) == (
+        "service 1 of 1: its image is named by tag, not by digest; pin sealroom/study-runner@sha256:<digest>")
+    for bad in ([PLACEHOLDER_DIGEST], ["latest"], ["sha256:" + "AB" * 32]):
+        with pytest.raises(ValueError, match="not study image digests"):
+            ImageAllowlist(bad)
+    with pytest.raises(ValueError, match="needs digests or the state folder"):
+        ImageAllowlist()
 
 
 def test_the_base_has_the_runtime_libraries_the_wheels_link_against(built):

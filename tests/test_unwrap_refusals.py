@@ -174,6 +174,31 @@ def test_a_file_whose_payload_was_damaged_is_refused_before_the_spend(world):
     assert message.startswith("damaged.sealed: ") and "ciphertext_sha256" in message
 
 
+def test_a_file_rewritten_between_its_checks_is_refused(world, monkeypatch):
+    """The CVM reads each file through one descriptor; if the bytes behind it change after the envelope was read
+    (here: rewritten in place with another valid file of the same owner), the re-hash notices."""
+    import cvm.unwrap
+
+    _stack, _study, _owners, _recipes, files, _cvms = world
+    swapped = files["A"].with_name("swapped.sealed")
+    swapped.write_bytes(files["A"].read_bytes())
+    real_check = cvm.unwrap.check_inputs_against_manifest
+
+    def check_then_rewrite(manifest, envelopes):
+        real_check(manifest, envelopes)
+        with open(swapped, "r+b") as same_inode:
+            same_inode.write(files["A-again"].read_bytes())
+            same_inode.truncate()
+
+    monkeypatch.setattr(cvm.unwrap, "check_inputs_against_manifest", check_then_rewrite)
+    files["swapped"] = swapped
+    try:
+        message = refused(world, "plain", ["swapped", "B"])
+    finally:
+        del files["swapped"]
+    assert message == "swapped.sealed: the file changed while it was being checked"
+
+
 def test_inputs_that_do_not_fit_the_analysis_are_refused(world):
     message = refused(world, "unfit", ["unfit-A", "unfit-B"])
     assert message.startswith("the sealed inputs do not fit the study manifest") and "weight" in message

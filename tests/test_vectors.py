@@ -278,12 +278,12 @@ def service(monkeypatch):
         analysis = types.SimpleNamespace(kind=kms.kind, params={"epsilon_per_round": 1.0})
         return types.SimpleNamespace(analysis=analysis, epsilon=0.25, inputs=[])
 
-    def spend(_caller, _manifest, epsilon, release_id):
+    def spend(_caller, _manifest, epsilon, release_id, **_options):
         kms.spends.append(release_id)
         return [KEY_ONE_ADDRESS], {"transactionHash": H("55" * 32)}, {"epsilon_spent": epsilon,
                                                                        "epsilon_remaining": 1.0}
 
-    monkeypatch.setattr(kms, "_attest", lambda _attestation: caller)
+    monkeypatch.setattr(kms, "_attest", lambda _attestation, **_options: caller)
     monkeypatch.setattr(kms, "_attested_manifest", manifest)
     monkeypatch.setattr(kms, "_spend", spend)
     return kms

@@ -5,7 +5,6 @@ envelope's ε spent/remaining are the chain's record); the envelope's input dige
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,7 +98,7 @@ def _measured_inputs(event_log: EventLogProof | None) -> Any:
         raise Broken(f"the event log holds {len(events)} {INPUTS_EVENT!r} events, not one")
     try:
         return safe_parse.loads(events[0].payload)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except ValueError:  # JSONDecodeError (nested too deep is one), UnicodeDecodeError, an int over 4300 digits
         raise Broken(f"the {INPUTS_EVENT!r} event is not JSON") from None
 
 

@@ -8,7 +8,9 @@ docs/design.md §6 steps 1 and 3. OpenAPI is served at ``/openapi.json`` (and ``
     GET  /composes/{hash}/app-compose.json  the verbatim measured bytes; public, since this URL is the URI proposed
                                             on-chain for the owners to review
     POST /composes/{hash}/runs              start a run on an allowed compose: multipart upload of the sealed files
-    GET  /runs/{run_id}                     state, progress, isolation, refusal reason
+    GET  /composes                          every compose submitted to this API, with its approval state
+    GET  /runs                              the analyst's own runs, newest first
+    GET  /runs/{run_id}                     state, progress (stages; epochs for DP-SGD), isolation, refusal reason
     GET  /runs/{run_id}/result              attestation.json verbatim (it holds the Sign-RPC envelope), once done
 
 Every other route needs ``Authorization: Bearer <token>`` with a token from ``compose.auth.issue_token``; anyone
@@ -30,9 +32,13 @@ disk as they arrive); 422 an invalid request (bad YAML, manifest, file count; th
 request's values); 503 the chain is unreachable.
 
     python -m compose.api --stack-state-dir DIR --port PORT --proposer-keystore FILE [--state-dir DIR/api]
+                          [--backend container|process] [--engine-url unix://…] [--image-digest sha256:… …]
 
 reads the local stack's description (``stack.json``) and the proposer keystore's password from
-``SEALROOM_API_PROPOSER_PASSWORD``.
+``SEALROOM_API_PROPOSER_PASSWORD``. Runs go to the container backend (a container of the study image the compose
+pins, on the engine at ``--engine-url``, which the stack started) or the ``process`` fallback
+(``compose.backends.choice``). A compose is proposed only if its services name ``sealroom/study-runner`` by an
+allowed digest: ``--image-digest`` (repeatable), else the study image built in ``DIR/study-image`` (422 otherwise).
 
 Layout: ``app`` (configuration, ``create_app``), ``composes`` and ``runs`` (the routes, as APIRouters),
 ``deps`` (the shared state and the dependencies the routes declare), ``schemas`` (the wire models), ``queue``
@@ -49,6 +55,7 @@ from compose.api.schemas import (
     RunInput,
     RunView,
     SubmittedCompose,
+    TrainingProgress,
 )
 from compose.api.serve import PROPOSER_PASSWORD_ENV, main
 
@@ -63,6 +70,7 @@ __all__ = [
     "RunInput",
     "RunView",
     "SubmittedCompose",
+    "TrainingProgress",
     "create_app",
     "main",
 ]

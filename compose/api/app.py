@@ -19,6 +19,8 @@ from compose.api.deps import ApiState
 from compose.api.queue import RunQueue
 from compose.auth import AnalystTokens
 from compose.backends import Backend
+from compose.image.policy import ImageAllowlist
+from compose.stack_file import default_state_dir
 from compose.http_limits import KIB, MIB, BodyLimit, guard
 from contracts.chain import DstackApp
 
@@ -33,7 +35,8 @@ _RUNS_PATH = re.compile(r"/composes/[^/]+/runs")
 @dataclass
 class ApiConfig:
     """What the API needs: its state folder, its public URL (written into proposals), the study's DstackApp, the
-    funded account it proposes with, and the backend runs go to."""
+    funded account it proposes with, the backend runs go to, and the study images a compose may name (default:
+    the current study image built in the default state folder, ``STATE/study-image``)."""
 
     state_dir: Path
     public_url: str
@@ -43,6 +46,7 @@ class ApiConfig:
     clock: Callable[[], float] = time.time
     run_timeout_s: float = 900.0
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    images: ImageAllowlist | None = None
 
 
 def _body_limits(max_upload_bytes: int) -> Callable[[str, str], BodyLimit]:
@@ -73,7 +77,8 @@ def create_app(config: ApiConfig) -> FastAPI:
                               "(here SIMULATED) CVMs and fetch the signed DP result.")
     app.state.api = ApiState(study=config.study, proposer=config.proposer, public_url=config.public_url,
                              composes_dir=composes_dir, runs_dir=runs_dir, tokens=AnalystTokens(config.state_dir),
-                             runs=queue, propose_lock=threading.Lock())
+                             runs=queue, propose_lock=threading.Lock(),
+                             images=config.images or ImageAllowlist(state_dir=default_state_dir()))
     app.include_router(composes.router)
     app.include_router(runs.router)
     return guard(app, _body_limits(config.max_upload_bytes))

@@ -3,6 +3,8 @@ serve its measured bytes to the owners who review it."""
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Response
@@ -26,9 +28,11 @@ from compose.app_compose import build_app_compose, compose_hash, normalized_json
 from compose.manifest import ManifestInvalid, validate_manifest
 from compose.safe_parse import TooDeeplyNested
 
-__all__ = ["compose_view", "get_app_compose", "get_compose", "router", "submit_compose"]
+__all__ = ["compose_view", "get_app_compose", "get_compose", "list_composes", "router", "submit_compose"]
 
 router = APIRouter(tags=["composes"])
+
+_HASH_FILE = re.compile(r"[0-9a-f]{64}\.json")
 
 
 def compose_view(state: ApiState, h: str) -> dict[str, Any]:
@@ -40,15 +44,21 @@ def compose_view(state: ApiState, h: str) -> dict[str, Any]:
     approval = Approval(state=approval_state, approvals=status.approvals, threshold=status.threshold,
                         owners=list(status.owners), approvers=list(status.approvers), uri=status.uri,
                         **budget.to_json())
+    try:
+        name = json.loads(stored_compose(state, h)).get("name")
+    except (HTTPException, ValueError, AttributeError):
+        name = None
     return {"compose_hash": h, "app_id": state.study.address, "approval": approval,
-            "app_compose_url": state.app_compose_url(h)}
+            "app_compose_url": state.app_compose_url(h), "name": name}
 
 
 @router.post("/composes", response_model=SubmittedCompose, status_code=201)
 def submit_compose(submission: ComposeSubmission, state: State, _analyst: Analyst) -> dict[str, Any]:
     """Build app-compose.json (the manifest inside the measured YAML), store it and propose its hash on-chain.
     A manifest its analysis could never run (an unknown setting, a wrong type, a bound out of range) is refused
-    here, before anything is proposed, so that no owner approves and no budget is spent on it."""
+    here, before anything is proposed, so that no owner approves and no budget is spent on it; so is a compose
+    whose services do not name an allowed study image by its digest (a tag, the all-zero placeholder, another
+    repository, a digest that is not a known build: 422 with the reason)."""
     try:
         validate_manifest(submission.manifest)
     except ManifestInvalid as bad:
@@ -60,6 +70,9 @@ def submit_compose(submission: ComposeSubmission, state: State, _analyst: Analys
         raise HTTPException(400, f"docker_compose: {deep}") from None
     except ValueError as bad:
         raise HTTPException(422, str(bad)) from None
+    refused = state.images.refusal(app_compose, echo=False)
+    if refused is not None:
+        raise HTTPException(422, f"docker_compose: the study image is refused: {refused}")
     body = normalized_json_bytes(app_compose)
     h = compose_hash(body).hex()
     (state.composes_dir / f"{h}.json").write_bytes(body)
@@ -69,6 +82,13 @@ def submit_compose(submission: ComposeSubmission, state: State, _analyst: Analys
     proposal = Proposal(tx="0x" + receipt["transactionHash"].hex().removeprefix("0x"),
                         block=receipt["blockNumber"], proposer=state.proposer.address, uri=uri)
     return {**compose_view(state, h), "app_compose": body.decode("utf-8"), "proposal": proposal}
+
+
+@router.get("/composes", response_model=list[ComposeView])
+def list_composes(state: State, _analyst: Analyst) -> list[dict[str, Any]]:
+    """Every compose submitted to this API, newest first, with its approval state as the chain has it now."""
+    stored = sorted(state.composes_dir.glob("*.json"), key=lambda path: path.stat().st_mtime, reverse=True)
+    return [compose_view(state, path.stem) for path in stored if _HASH_FILE.fullmatch(path.name)]
 
 
 @router.get("/composes/{compose_hash_hex}", response_model=ComposeView)

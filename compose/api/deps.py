@@ -16,6 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from compose.api.queue import RunQueue
 from compose.auth import AnalystTokens, Unauthenticated
+from compose.image.policy import ImageAllowlist
 from contracts.chain import ChainError, ChainUnreachable, ContractReverted, DstackApp
 
 __all__ = ["Analyst", "ApiState", "State", "analyst", "api_state", "chain_call", "hash_param", "stored_compose"]
@@ -35,6 +36,7 @@ class ApiState:
     tokens: AnalystTokens
     runs: RunQueue
     propose_lock: threading.Lock     # one proposer account: keep its nonces in order
+    images: ImageAllowlist           # the study image digests a compose's services may name
 
     def app_compose_url(self, compose_hash_hex: str) -> str:
         return f"{self.public_url}/composes/{compose_hash_hex}/app-compose.json"

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compose.api.schemas import Progress, RunInput, RunView
+from compose.api.schemas import Progress, RunInput, RunView, TrainingProgress
 from compose.backends import TERMINAL_STATES, Backend, LaunchFailed, RunHandle, RunState
 
 __all__ = ["Run", "RunQueue"]
@@ -28,6 +28,8 @@ class Run:
     reason: str | None = None
     progress: list[Progress] = field(default_factory=list)
     result_path: Path | None = None
+    epochs: int | None = None           # a DP-SGD run: the manifest's epochs
+    epochs_done: int = 0
 
 
 class RunQueue:
@@ -47,6 +49,11 @@ class RunQueue:
         with self._lock:
             return self._runs.get(run_id)
 
+    def of(self, analyst: str) -> list[Run]:
+        """The runs ``analyst`` started, newest first."""
+        with self._lock:
+            return [run for run in reversed(self._runs.values()) if run.analyst == analyst]
+
     def view(self, run: Run) -> RunView:
         """A consistent snapshot of the run, as the API shows it."""
         isolation = self.backend.isolation
@@ -54,7 +61,9 @@ class RunQueue:
             return RunView(run_id=run.run_id, compose_hash=run.compose_hash, state=run.state, reason=run.reason,
                            progress=list(run.progress), inputs=run.inputs, simulated=self.backend.simulated,
                            isolated=isolation.isolated, isolation=isolation.description,
-                           result_url=f"/runs/{run.run_id}/result" if run.state == "done" else None)
+                           result_url=f"/runs/{run.run_id}/result" if run.state == "done" else None,
+                           training=None if run.epochs is None else
+                           TrainingProgress(epochs_done=run.epochs_done, epochs=run.epochs))
 
     def submit(self, run: Run, app_compose_path: Path) -> RunView:
         """Queue the run and return its view as queued (the worker may move it on at once)."""
@@ -91,6 +100,9 @@ class RunQueue:
         deadline = time.monotonic() + self._timeout_s
         while True:
             status = handle.poll()
+            if status.epochs_done is not None and run.epochs is not None:
+                with self._lock:      # what the study reports, kept within the manifest's epochs
+                    run.epochs_done = max(run.epochs_done, min(status.epochs_done, run.epochs))
             if status.state in TERMINAL_STATES:
                 run.result_path = handle.result_path if status.state == "done" else None
                 self._advance(run, status.state, status.reason)

@@ -31,7 +31,7 @@ from compose.app_compose import manifest_from_app_compose
 from compose.manifest import ManifestRefused, StudyManifest, check_inputs_against_manifest
 from cvm.sealed.dataset import SealedFileError, verify_payload
 
-__all__ = ["check_inputs", "get_result", "get_run", "owned_run", "router", "start_run"]
+__all__ = ["check_inputs", "get_result", "get_run", "list_runs", "owned_run", "router", "start_run"]
 
 router = APIRouter(tags=["runs"])
 
@@ -107,9 +107,22 @@ async def start_run(compose_hash_hex: str, request: Request, response: Response,
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    run = Run(run_id=run_id, compose_hash=h, analyst=who, run_dir=run_dir, sealed=paths, inputs=inputs)
+    run = Run(run_id=run_id, compose_hash=h, analyst=who, run_dir=run_dir, sealed=paths, inputs=inputs,
+              epochs=_epochs(manifest))
     response.headers["Location"] = f"/runs/{run_id}"
     return state.runs.submit(run, state.composes_dir / f"{h}.json")
+
+
+def _epochs(manifest: StudyManifest) -> int | None:
+    """A DP-SGD run's epochs, for its progress (the manifest was validated when it was submitted)."""
+    if manifest.analysis.kind != "dp_sgd":
+        return None
+    from cvm.analyses.params import TrainingParams
+
+    try:
+        return TrainingParams.parse(manifest.analysis.params, "analysis.params").epochs
+    except ValueError:
+        return None
 
 
 def owned_run(state: ApiState, run_id: str, who: str) -> Run:
@@ -118,6 +131,12 @@ def owned_run(state: ApiState, run_id: str, who: str) -> Run:
     if run is None or run.analyst != who:
         raise HTTPException(404, f"no run {run_id} started by {who}")
     return run
+
+
+@router.get("/runs", response_model=list[RunView])
+def list_runs(state: State, who: Analyst) -> list[RunView]:
+    """The runs this analyst started (since the API last started), newest first."""
+    return [state.runs.view(run) for run in state.runs.of(who)]
 
 
 @router.get("/runs/{run_id}", response_model=RunView)

@@ -16,6 +16,7 @@ __all__ = [
     "RunInput",
     "RunView",
     "SubmittedCompose",
+    "TrainingProgress",
 ]
 
 
@@ -53,6 +54,7 @@ class ComposeView(BaseModel):
     app_id: str = Field(description="the DstackApp contract address")
     app_compose_url: str
     approval: Approval
+    name: str | None = Field(default=None, description="the app's name in app-compose.json")
 
 
 class SubmittedCompose(ComposeView):
@@ -72,6 +74,11 @@ class Progress(BaseModel):
     at: float = Field(description="Unix time the run entered this state")
 
 
+class TrainingProgress(BaseModel):
+    epochs_done: int = Field(description="epochs the CVM has reported finished so far")
+    epochs: int = Field(description="the epochs the manifest asks for")
+
+
 class RunView(BaseModel):
     run_id: str
     compose_hash: str
@@ -83,3 +90,5 @@ class RunView(BaseModel):
     isolated: bool
     isolation: str
     result_url: str | None
+    training: TrainingProgress | None = Field(default=None, description="a DP-SGD run's epochs done of the "
+                                              "manifest's epochs; null for other analyses")

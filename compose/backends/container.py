@@ -18,7 +18,8 @@ What a run gets:
   backend serves from outside (the forwarder of ``process.py``) — the same relays as the bubblewrap sandbox;
 - a read-only root file system; writable only tmpfs scratch (``/tmp``, the run's cwd ``/tmp/work``, and the
   engine's own ``/var/tmp``, ``/run``, ``/dev/shm``), all in memory and counted against the memory limit;
-  the sealed inputs bound read-only. No host folder is mounted writable: the receipt leaves through the
+  the sealed inputs (ciphertext) bound read-only, from copies in ``RUN/inputs`` that the container's user may
+  read (removed by ``stop()``). No host folder is mounted writable: the receipt leaves through the
   ``outbox`` socket (the in-container launcher sends ``attestation.json`` once the run exited 0), and this
   backend writes it to ``RUN/work/attestation.json``;
 - uid 10001, every capability dropped, ``no-new-privileges``, CPU, memory, PID and file-descriptor limits;
@@ -57,6 +58,7 @@ from compose.backends.process import (
     _unix_connector,
     _unix_listener,
     boot_simulated_agent,
+    epochs_done,
 )
 from compose.image.build import BUILD_RECORD, oci_archive
 from compose.image.policy import compose_images, image_allowed, read_build_record
@@ -127,7 +129,7 @@ class ContainerRun:
 
     def __init__(self, *, container, agent: ManagedProcess, forwarders: list[_Forwarder], outbox: _Outbox,
                  signing: threading.Event, result_path: Path, log_path: Path, socket_dir: Path,
-                 memory: str) -> None:
+                 memory: str, staged: Path) -> None:
         self.container = container
         self._agent = agent
         self._forwarders = forwarders
@@ -135,6 +137,7 @@ class ContainerRun:
         self._signing = signing
         self._socket_dir = socket_dir
         self._memory = memory
+        self._staged = staged
         self.result_path = result_path
         self.log_path = log_path
         self._stopped = False
@@ -159,7 +162,7 @@ class ContainerRun:
         state = self.container.attrs.get("State", {})
         status = state.get("Status")
         if status in ("created", "configured", "running", "paused", "restarting"):
-            return RunStatus("signing" if self._signing.is_set() else "running")
+            return RunStatus("signing" if self._signing.is_set() else "running", epochs_done=epochs_done(self.log_path))
         code = state.get("ExitCode")
         self._outbox.wait(5 if code == 0 else 0)
         self._logger.join(timeout=5)
@@ -186,6 +189,7 @@ class ContainerRun:
         self._forwarders = []
         self._outbox.close()
         shutil.rmtree(self._socket_dir, ignore_errors=True)
+        shutil.rmtree(self._staged, ignore_errors=True)
 
 
 def _socket_for_container(path: Path) -> None:
@@ -329,8 +333,15 @@ class ContainerBackend:
                         "--rpc-url", self.rpc_url, "--dstack-kms", self.dstack_kms, "--out", inside_result]
             mounts = [Mount(AGENT_SOCKET, str(relays / "agent.sock"), type="bind", read_only=True),
                       Mount(RELAY_DIR, str(relays), type="bind", read_only=True)]
-            mounts += [Mount(inside, str(path), type="bind", read_only=True)
-                       for inside, path in zip(inside_sealed, sealed)]
+            # The container's user is not the owner of the caller's files: it reads read-only copies (ciphertext).
+            staged = run_dir / "inputs"
+            staged.mkdir(exist_ok=True)
+            undo.callback(shutil.rmtree, staged, ignore_errors=True)
+            for inside, path in zip(inside_sealed, sealed):
+                copy = staged / inside.rsplit("/", 1)[1]
+                shutil.copyfile(path, copy)
+                os.chmod(copy, 0o444)
+                mounts.append(Mount(inside, str(copy), type="bind", read_only=True))
             nofile = min(4096, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
             try:
                 container = self.engine.client.containers.run(   # type: ignore[attr-defined]
@@ -348,4 +359,4 @@ class ContainerBackend:
             undo.pop_all()
         return ContainerRun(container=container, agent=agent, forwarders=forwarders, outbox=outbox,
                             signing=signing, result_path=result_path, log_path=run_dir / "run.log",
-                            socket_dir=socket_dir, memory=self.memory)
+                            socket_dir=socket_dir, memory=self.memory, staged=staged)

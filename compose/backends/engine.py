@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from compose.backends.launcher import ManagedProcess, ServiceStartError
 
-__all__ = ["EngineUnavailable", "ContainerEngine", "connect_engine", "podman_global_options"]
+__all__ = ["EngineUnavailable", "ContainerEngine", "connect_engine", "engine_at", "podman_global_options"]
 
 _SOCKET_LIMIT = 100          # an AF_UNIX path is at most 107 bytes
 
@@ -72,7 +73,19 @@ def _client(url: str, timeout: int):
     return docker.DockerClient(base_url=url, timeout=timeout)
 
 
+def _unix_socket_answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 def _answers(url: str) -> bool:
+    # A raw probe first: the SDK leaks its socket when the connection is refused (a ResourceWarning).
+    if url.startswith("unix://") and not _unix_socket_answers(url[len("unix://"):]):
+        return False
     try:
         client = _client(url, 5)
     except Exception:   # noqa: BLE001 - the SDK raises many kinds for "nothing there"
@@ -144,6 +157,15 @@ def connect_engine(state_dir: Path, *, timeout: int = 900, start: bool = True) -
             return ContainerEngine(client, docker_url, _kind(client))
         tried.append(f"{docker_url} does not answer")
     raise EngineUnavailable("no container engine: " + "; ".join(tried))
+
+
+def engine_at(url: str, *, timeout: int = 900) -> ContainerEngine:
+    """The engine that answers at ``url`` now (the one a stack started and hands to its API), started by someone
+    else: closing it stops nothing. :class:`EngineUnavailable` when nothing answers there."""
+    if not _answers(url):
+        raise EngineUnavailable(f"no container engine answers at {url}")
+    client = _client(url, timeout)
+    return ContainerEngine(client, url, _kind(client))
 
 
 def podman_version() -> str | None:

@@ -8,7 +8,7 @@ DESIGN.md §6 step 3. The interface is small so that docker/podman or a real dst
         def launch(self, run_dir, app_compose_path, sealed_files) -> RunHandle  # returns once the CVM has booted
     class RunHandle(Protocol):
         result_path: Path                      # attestation.json, once done
-        def poll(self) -> RunStatus            # running | signing | done | failed(reason)
+        def poll(self) -> RunStatus            # running | signing | done | failed(reason); epochs_done, if known
         def stop(self) -> None                 # ends the run and its CVM; safe to call twice
 
 ``LocalProcessBackend`` boots the SIMULATED guest agent for the exact app-compose.json (it measures the recipe
@@ -64,6 +64,7 @@ from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
 from compose.backends.launcher import ManagedProcess, ServiceStartError
+from cvm.labels import EPOCH_PROGRESS
 
 __all__ = [
     "RunState",
@@ -76,6 +77,7 @@ __all__ = [
     "LaunchFailed",
     "boot_simulated_agent",
     "bwrap_command",
+    "epochs_done",
     "LocalProcessBackend",
     "LocalRun",
     "main",
@@ -106,6 +108,7 @@ class LaunchFailed(BackendError):
 class RunStatus:
     state: RunState
     reason: str | None = None
+    epochs_done: int | None = None     # DP-SGD: epochs the study reported finished (its log's last progress line)
 
 
 @dataclass(frozen=True)
@@ -303,6 +306,22 @@ def _last_error(log_path: Path) -> str | None:
     return (errors or lines or [None])[-1]
 
 
+def epochs_done(log_path: Path, tail_bytes: int = 8192) -> int | None:
+    """The epochs the study reported finished: its log's last ``progress: epoch DONE/EPOCHS`` line (cvm.run prints
+    one per epoch), else None. Only the log's tail is read."""
+    try:
+        with log_path.open("rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - tail_bytes))
+            tail = log.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    for line in reversed(tail.splitlines()):
+        if line.startswith(EPOCH_PROGRESS + " "):
+            done, _, _ = line.removeprefix(EPOCH_PROGRESS + " ").partition("/")
+            return int(done) if done.strip().isdigit() else None
+    return None
+
+
 class LocalRun:
     """One study run started by :class:`LocalProcessBackend`: the agent, the study process and the relays."""
 
@@ -329,9 +348,9 @@ class LocalRun:
     def poll(self) -> RunStatus:
         code = self._study.process.poll()
         if code is None:
-            return RunStatus("signing" if self._signing.is_set() else "running")
+            return RunStatus("signing" if self._signing.is_set() else "running", epochs_done=epochs_done(self.log_path))
         if code == 0 and self.result_path.exists():
-            return RunStatus("done")
+            return RunStatus("done", epochs_done=epochs_done(self.log_path))
         return RunStatus("failed", _last_error(self.log_path) or f"the study exited with code {code}")
 
     def stop(self) -> None:

@@ -3,11 +3,13 @@
 - :mod:`compose.image.locks`: the pinned inputs (``debian.lock.json``, ``python.lock``), making and fetching them;
 - :mod:`compose.image.layers`: deterministic layers from .debs, wheels and project files;
 - :mod:`compose.image.build`: ``build_study_image`` (``seal image build``) and the build record;
-- :mod:`compose.image.policy`: the current study image's digest, and ``image_allowed`` for the API.
+- :mod:`compose.image.bytecode`: the image's unchecked-hash bytecode, compiled by the image's own Python;
+- :mod:`compose.image.policy`: the current study image's digest, ``image_allowed`` and the API's ``ImageAllowlist``.
 
 Errors::
 
-    BuildError              the build failed (the message names the step)
+    BuildError              the build failed (the message names the step; a bytecode step that cannot run the
+                            image's Python, too)
     LockError               a lock file is missing or malformed, or an input does not match its pin
     LayerError              an input could not be read into a layer
     ImageNotBuilt           no build record in the state folder
@@ -30,6 +32,7 @@ from compose.image.locks import LockError, lock_debian, lock_python
 from compose.image.policy import (
     PLACEHOLDER_DIGEST,
     STUDY_IMAGE_REPOSITORY,
+    ImageAllowlist,
     ImageNotBuilt,
     StaleImage,
     compose_images,
@@ -47,6 +50,7 @@ __all__ = [
     "STUDY_IMAGE_REPOSITORY",
     "BuildError",
     "BuildRecord",
+    "ImageAllowlist",
     "ImageNotBuilt",
     "LayerError",
     "LockError",

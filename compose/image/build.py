@@ -1,27 +1,32 @@
 """Build the study image (``sealroom/study-runner``) reproducibly, from this repository and its lock files alone.
 
 The image is a standard OCI image (an OCI image layout folder; :func:`oci_archive` streams it as an
-``oci-archive`` tar that podman and docker load). Three uncompressed layers:
+``oci-archive`` tar that podman and docker load). Four uncompressed layers:
 
 1. ``base``: the Debian 12 packages of ``debian.lock.json`` unpacked as ``dpkg-deb -x`` would (no maintainer
    scripts, no documentation but copyright files), plus ``/etc/passwd`` and ``/etc/group`` with the study user
    (uid/gid 10001), ``/tmp`` (1777), ``/var/run`` for the guest agent's socket, ``python``/``python3`` links;
 2. ``python``: the wheels of ``python.lock`` installed into ``/usr/lib/python3/dist-packages`` (no scripts, no
    bytecode);
-3. ``app``: the project code that ``python -m cvm.run``, ``python -m cvm.aggregator`` and the in-container
+3. ``bytecode``: the standard library's and the wheels' ``__pycache__/*.cpython-311.pyc``, unchecked-hash pycs
+   compiled by the image's own Python 3.11 (:mod:`compose.image.bytecode`), so that a study does not compile
+   torch in memory at every start;
+4. ``app``: the project code that ``python -m cvm.run``, ``python -m cvm.aggregator`` and the in-container
    relays (``python -m compose.backends``, ``python -m compose.backends.inside``) import — found by reading
    their imports, so nothing else of the repository (no tests, no CLI, no KMS, no API) is in the image — under
    ``/opt/sealroom/app``, put on ``sys.path`` by a ``.pth`` file; and ``/opt/sealroom/image-inputs.json``
-   naming every pinned input.
+   naming every pinned input; and the app's own unchecked-hash bytecode.
 
-The image runs as uid 10001, has no compiler and no bytecode files (``PYTHONDONTWRITEBYTECODE=1``; Python
-compiles in memory, so no pyc timestamp can creep in). Every mtime is SOURCE_DATE_EPOCH (default 0, so the
-digest depends on content only, not on which commit carried it); entries are sorted; uid/gid are 0.
+The image runs as uid 10001, has no compiler, and writes no bytecode (``PYTHONDONTWRITEBYTECODE=1``): the pycs it
+carries hold source hashes, not timestamps, and were made deterministically at build time. Every mtime is
+SOURCE_DATE_EPOCH (default 0, so the digest depends on content only, not on which commit carried it); entries are
+sorted; uid/gid are 0.
 
 Two builds of the same inputs give the same manifest digest bit for bit, in any folder, at any time. Fetched
 inputs are kept in a content-addressed cache (``$SEALROOM_CACHE`` or ``~/.cache/sealroom``), and so are
-built layers, keyed by the sha256 of exactly what goes into them; ``layer_cache=False`` rebuilds every layer
-from the verified inputs (what the reproducibility test does).
+built layers, keyed by the sha256 of exactly what goes into them (and of the builder's own code); layers no build
+has used for a week are dropped. ``layer_cache=False`` rebuilds every layer from the verified inputs (what the
+reproducibility test does).
 
 The build writes ``build-record.json`` (``sealroom-study-image-build/v1``) next to the layout: the digest, the
 reference to pin, the layers and every input's sha256.
@@ -42,6 +47,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from compose.image import bytecode as bytecode_module
+from compose.image import layers as layers_module
+from compose.image.bytecode import BytecodeError, compile_bytecode
 from compose.image.layers import LayerDigest, Tree, add_deb, add_wheel, write_layer
 from compose.image.locks import (
     DEBIAN_LOCK,
@@ -68,7 +76,7 @@ __all__ = [
 IMAGE_NAME = "sealroom/study-runner"
 BUILD_RECORD = "build-record.json"
 RECORD_FORMAT = "sealroom-study-image-build/v1"
-BUILDER_VERSION = "1"                       # bump when the builder changes what it writes for the same inputs
+BUILDER_VERSION = "2"                       # bump when the builder changes what it writes for the same inputs
 STUDY_UID = 10001
 SITE_PACKAGES = "usr/lib/python3/dist-packages"
 APP_DIR = "opt/sealroom/app"
@@ -223,10 +231,19 @@ def _python_tree(wheels: dict[str, Path]) -> Tree:
     return tree
 
 
-def _app_tree(files: dict[str, bytes], inputs: dict) -> Tree:
+def _bytecode_tree(base_layer: Path, python_layer: Path, log: Callable[[str], None]) -> Tree:
+    tree = Tree()
+    for path, data in compile_bytecode(base_layer, source_layers=[base_layer, python_layer], log=log).items():
+        tree.add_bytes(path, data)
+    return tree
+
+
+def _app_tree(files: dict[str, bytes], inputs: dict, base_layer: Path, log: Callable[[str], None]) -> Tree:
     tree = Tree()
     for image_path, content in files.items():
         tree.add_bytes(image_path, content, mode=0o644)
+    for path, data in compile_bytecode(base_layer, sources=files, log=log).items():
+        tree.add_bytes(path, data)
     tree.add_bytes(f"{SITE_PACKAGES}/sealroom-app.pth", f"/{APP_DIR}\n".encode())
     tree.add_bytes("opt/sealroom/image-inputs.json", json.dumps(inputs, indent=1, sort_keys=True).encode() + b"\n")
     return tree
@@ -241,9 +258,13 @@ def _cached_layer(cache: Path, key: str, build: Callable[[], Tree], epoch: int, 
     if use_cache and blob.is_file() and meta.is_file():
         known = json.loads(meta.read_text())
         if blob.stat().st_size == known["size"]:
+            os.utime(meta)                    # last used now: see _prune_layer_cache
             return blob, LayerDigest(known["digest"], known["size"]), True
     started = time.monotonic()
-    tree = build()
+    try:
+        tree = build()
+    except BytecodeError as error:
+        raise BuildError(f"layer {label}: {error}") from None
     partial = folder / f"{key}.{os.getpid()}.part"
     try:
         layer = write_layer(tree, partial, epoch=epoch)
@@ -254,6 +275,18 @@ def _cached_layer(cache: Path, key: str, build: Callable[[], Tree], epoch: int, 
     log(f"  layer {label}: {len(tree.nodes)} entries, {layer.size / 1e6:.1f} MB, {layer.digest} "
         f"({time.monotonic() - started:.1f} s)")
     return blob, layer, False
+
+
+LAYER_CACHE_DAYS = 7
+
+
+def _prune_layer_cache(cache: Path, keep: set[str]) -> None:
+    """Forget cached layers that no build has used for LAYER_CACHE_DAYS (old code, old locks)."""
+    horizon = time.time() - LAYER_CACHE_DAYS * 86400
+    for meta in (cache / "layers").glob("*.json"):
+        if meta.stem not in keep and meta.stat().st_mtime < horizon:
+            meta.unlink(missing_ok=True)
+            (cache / "layers" / f"{meta.stem}.tar").unlink(missing_ok=True)
 
 
 def _place_blob(blobs: Path, digest: str, source: Path | None = None, data: bytes | None = None) -> None:
@@ -309,25 +342,38 @@ def build_study_image(out_dir: Path, *, root: Path = _PROJECT_ROOT, cache_dir: P
     wheels = fetch_wheels(python_pins, cache, log=log)
     seconds["fetch_and_verify"] = time.monotonic() - step
 
+    # The builder's own source is part of every cache key: an edit to it never reuses a layer it built before.
+    builder = hashlib.sha256(b"".join(Path(m).read_bytes() for m in (__file__, layers_module.__file__,
+                                                                     bytecode_module.__file__))).hexdigest()
+
     def key(kind: str, *parts: str) -> str:
-        return hashlib.sha256("\0".join((BUILDER_VERSION, kind, str(epoch), *parts)).encode()).hexdigest()
+        return hashlib.sha256("\0".join((BUILDER_VERSION, builder, kind, str(epoch), *parts)).encode()).hexdigest()
 
     image_inputs = {"format": "sealroom-study-image-inputs/v1", **lock_digests,
                     "debian_packages": {p.name: f"{p.version} sha256:{p.sha256}" for p in debian_pins},
                     "wheels": {p.name: f"{p.version} sha256:{p.sha256}" for p in python_pins}}
     layers: list[tuple[str, Path, LayerDigest, bool]] = []
-    for label, layer_key, make in (
-        ("base", key("base", lock_digests["debian_lock_sha256"]), lambda: _base_tree(debs)),
-        ("python", key("python", lock_digests["python_lock_sha256"]), lambda: _python_tree(wheels)),
-        ("app", key("app", app_digest, hashlib.sha256(_canonical(image_inputs)).hexdigest()),
-         lambda: _app_tree(files, image_inputs)),
+    keys: set[str] = set()
+    blob_of: dict[str, tuple[Path, LayerDigest]] = {}
+    # Each later layer's key names the layers it is made from (the bytecode: the interpreter and the sources).
+    for label, key_of, make in (
+        ("base", lambda: key("base", lock_digests["debian_lock_sha256"]), lambda: _base_tree(debs)),
+        ("python", lambda: key("python", lock_digests["python_lock_sha256"]), lambda: _python_tree(wheels)),
+        ("bytecode", lambda: key("bytecode", blob_of["base"][1].digest, blob_of["python"][1].digest),
+         lambda: _bytecode_tree(blob_of["base"][0], blob_of["python"][0], log)),
+        ("app", lambda: key("app", app_digest, hashlib.sha256(_canonical(image_inputs)).hexdigest(),
+                            blob_of["base"][1].digest),
+         lambda: _app_tree(files, image_inputs, blob_of["base"][0], log)),
     ):
+        layer_key = key_of()
         step = time.monotonic()
+        keys.add(layer_key)
         blob, layer, cached = _cached_layer(cache, layer_key, make, epoch, layer_cache, log, label)
         seconds[f"layer_{label}"] = time.monotonic() - step
         if cached:
             log(f"  layer {label}: {layer.digest} (cached)")
         layers.append((label, blob, layer, cached))
+        blob_of[label] = (blob, layer)
 
     created = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     config = {
@@ -370,6 +416,7 @@ def build_study_image(out_dir: Path, *, root: Path = _PROJECT_ROOT, cache_dir: P
              "manifests": [{"mediaType": _MEDIA_MANIFEST, "digest": digest, "size": len(manifest_bytes),
                             "annotations": {"org.opencontainers.image.ref.name": f"{IMAGE_NAME}:latest"}}]}
     (layout / "index.json").write_bytes(_canonical(index))
+    _prune_layer_cache(cache, keys)
     seconds["layout"] = time.monotonic() - step
     seconds["total"] = time.monotonic() - started
 

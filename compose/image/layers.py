@@ -12,7 +12,7 @@ Readers fill a tree from pinned inputs without unpacking anything on disk:
   would, minus documentation (copyright files stay), without running maintainer scripts;
 - :func:`add_wheel` installs a wheel the way an installer would place it in ``site-packages`` (``.data/purelib``
   and ``platlib`` merged in, scripts and headers left out), without byte-compiling;
-- :meth:`Tree.add_file` / :meth:`Tree.add_bytes` add the project's own files.
+- :meth:`Tree.add_bytes` adds the project's own files (read once, so what is hashed is what is written).
 """
 
 from __future__ import annotations
@@ -102,26 +102,6 @@ class Tree:
         path = _clean(path)
         self._parents(path)
         self.nodes[path] = Node("file", _file_mode(mode), len(data), opener=lambda: io.BytesIO(data))
-
-    def add_file(self, path: str, source: Path, mode: int | None = None) -> None:
-        path = _clean(path)
-        self._parents(path)
-        source = Path(source)
-        info = source.stat()
-        self.nodes[path] = Node("file", _file_mode(info.st_mode if mode is None else mode), info.st_size,
-                                opener=lambda: open(source, "rb"))
-
-    def content_digest(self) -> str:
-        """sha256 over every path, kind, mode, target and content: what the layer holds, independent of tar."""
-        digest = hashlib.sha256()
-        for path in sorted(self.nodes):
-            node = self.nodes[path]
-            digest.update(f"{path}\0{node.kind}\0{node.mode:o}\0{node.target}\0{node.size}\0".encode())
-            if node.kind == "file" and node.opener is not None:
-                with node.opener() as stream:
-                    while chunk := stream.read(_CHUNK):
-                        digest.update(chunk)
-        return digest.hexdigest()
 
 
 # --- Debian packages ----------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from compose import safe_parse
 from compose.image.build import (
     BUILD_RECORD,
     IMAGE_NAME,
@@ -43,6 +44,7 @@ __all__ = [
     "study_image_reference",
     "compose_images",
     "image_allowed",
+    "ImageAllowlist",
 ]
 
 STUDY_IMAGE_REPOSITORY = IMAGE_NAME
@@ -109,11 +111,11 @@ def compose_images(compose: str | bytes | Mapping[str, Any]) -> list[tuple[str, 
     """(service, image) for each service of a compose given as docker-compose YAML text, app-compose.json bytes,
     an app-compose mapping (with ``docker_compose_file``) or a parsed docker-compose mapping."""
     if isinstance(compose, bytes):
-        compose = json.loads(compose.decode("utf-8"))
+        compose = safe_parse.loads(compose.decode("utf-8"))
     if isinstance(compose, Mapping) and isinstance(compose.get("docker_compose_file"), str):
         compose = compose["docker_compose_file"]
     if isinstance(compose, str):
-        compose = yaml.safe_load(compose)
+        compose = safe_parse.load_yaml(compose)
     services = compose.get("services") if isinstance(compose, Mapping) else None
     if not isinstance(services, Mapping) or not services:
         raise ValueError("the compose has no services")
@@ -122,16 +124,17 @@ def compose_images(compose: str | bytes | Mapping[str, Any]) -> list[tuple[str, 
 
 
 def image_allowed(compose: str | bytes | Mapping[str, Any], *, allowed: Iterable[str] | None = None,
-                  state_dir: Path | None = None) -> str | None:
+                  state_dir: Path | None = None, echo: bool = True) -> str | None:
     """None when every service's image is ``sealroom/study-runner@<allowed digest>``; else the reason it is not.
 
     ``allowed`` is the set of digests (``sha256:…``) to accept; by default the current study image built in
-    ``state_dir`` (stale or missing builds allow nothing, and the reason says so).
+    ``state_dir`` (stale or missing builds allow nothing, and the reason says so). ``echo=False`` words the reason
+    without repeating the compose's own values (service names, image references), as the API answers.
     """
     try:
         images = compose_images(compose)
     except (ValueError, yaml.YAMLError) as error:
-        return f"the compose cannot be read: {error}"
+        return f"the compose cannot be read: {error}" if echo else "the compose's services cannot be read"
     if allowed is None:
         if state_dir is None:
             return "no allowlist of study image digests was given"
@@ -140,24 +143,53 @@ def image_allowed(compose: str | bytes | Mapping[str, Any], *, allowed: Iterable
         except ImageNotBuilt as error:
             return f"no study image digest is allowed here: {error}"
     allowed_set = set(allowed)
-    for service, image in images:
+    for index, (service, image) in enumerate(images, 1):
+        who = f"service {service!r}" if echo else f"service {index} of {len(images)}"
+        what = f"image {image!r}" if echo else "its image"
         if not isinstance(image, str) or not image:
-            return f"service {service!r} names no image"
+            return f"{who} names no image"
         match = _REFERENCE.fullmatch(image)
         if match is None:
-            return f"service {service!r}: {image!r} is not an image reference"
+            return f"{who}: {what} is not an image reference"
         digest = match["digest"]
         if digest is None:
-            return (f"service {service!r}: image {image!r} is named by tag, not by digest; pin "
-                    f"{STUDY_IMAGE_REPOSITORY}@sha256:<digest>")
+            return f"{who}: {what} is named by tag, not by digest; pin {STUDY_IMAGE_REPOSITORY}@sha256:<digest>"
         if match["tag"] is not None:
-            return f"service {service!r}: image {image!r} carries a tag as well as a digest; name the digest only"
+            return f"{who}: {what} carries a tag as well as a digest; name the digest only"
         if not _DIGEST.fullmatch(digest):
-            return f"service {service!r}: {digest!r} is not a sha256 digest"
+            return f"{who}: {digest!r} is not a sha256 digest" if echo else f"{who}: its digest is not a sha256 digest"
         if digest == PLACEHOLDER_DIGEST:
-            return f"service {service!r}: the all-zero digest is a placeholder, not an image"
+            return f"{who}: the all-zero digest is a placeholder, not an image"
         if match["repository"] != STUDY_IMAGE_REPOSITORY:
-            return f"service {service!r}: only {STUDY_IMAGE_REPOSITORY} images may run, not {match['repository']}"
+            return (f"{who}: only {STUDY_IMAGE_REPOSITORY} images may run, not "
+                    + (match["repository"] if echo else "another repository"))
         if digest not in allowed_set:
-            return f"service {service!r}: {digest} is not an allowed study image digest"
+            return (f"{who}: " + (digest if echo else "its digest") + " is not an allowed study image digest "
+                    f"(allowed here: {', '.join(sorted(allowed_set)) or 'none'})")
     return None
+
+
+class ImageAllowlist:
+    """The study images a service may name: ``digests`` when given (``sha256:…``), else the current study image
+    built in ``state_dir``, read again at every check (a ``seal image build`` while the API runs counts at once;
+    a stale or missing build allows nothing, and the reason says so)."""
+
+    def __init__(self, digests: Iterable[str] | None = None, *, state_dir: Path | None = None) -> None:
+        if digests is not None:
+            digests = tuple(digests)
+            bad = [d for d in digests if not _DIGEST.fullmatch(d) or d == PLACEHOLDER_DIGEST]
+            if bad:
+                raise ValueError(f"not study image digests (sha256:<64 hex>, not the placeholder): {bad}")
+        elif state_dir is None:
+            raise ValueError("an image allowlist needs digests or the state folder of a study image build")
+        self.digests = digests
+        self.state_dir = None if state_dir is None else Path(state_dir)
+
+    def refusal(self, compose: str | bytes | Mapping[str, Any], *, echo: bool = True) -> str | None:
+        """None when every service names an allowed study image by digest, else why not (see ``image_allowed``)."""
+        return image_allowed(compose, allowed=self.digests, state_dir=self.state_dir, echo=echo)
+
+    def describe(self) -> str:
+        if self.digests is not None:
+            return f"{STUDY_IMAGE_REPOSITORY}@{{{', '.join(self.digests)}}}"
+        return f"the current study image built in {default_image_dir(self.state_dir)}"

@@ -1,11 +1,13 @@
 """Run the SIMULATED dstack guest agent for one app::
 
     python -m cvm.agent_sim --app-compose app-compose.json --app-id 0x… --socket ./dstack.sock \\
-        --state-dir .sealroom/agent-sim --kms-url http://127.0.0.1:8000 [--http-port 8090]
+        --state-dir .sealroom/agent-sim --kms-url http://127.0.0.1:8000 [--http-port 8090] \
+        [--tappd-socket ./tappd.sock]
 
 It measures the boot into the simulated RTMR3, obtains the app key from the KMS through a simulated
 attestation, then serves dstack's agent API until SIGINT/SIGTERM. Point dstack-sdk at it with
-``DSTACK_SIMULATOR_ENDPOINT=<socket>``.
+``DSTACK_SIMULATOR_ENDPOINT=<socket>`` (and its legacy ``TappdClient`` with
+``TAPPD_SIMULATOR_ENDPOINT=<tappd socket>``).
 
 The KMS client is ``kms_client.make_key_provider(kms_url)`` (an :class:`AppKeyProvider`); a KMS refusal ends
 the boot with exit code 3 and the KMS's reason.
@@ -17,6 +19,7 @@ not chain to the measured KMS root).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
@@ -48,13 +51,15 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"boot failed: {failure}", code=EXIT_BOOT_FAILED)
     try:
         server = AgentServer(agent, args.socket, http_port=args.http_port)
+        tappd = AgentServer(agent, args.tappd_socket, service="tappd") if args.tappd_socket else None
     except OSError as unavailable:
         return _fail(f"cannot listen: {unavailable}", code=EXIT_USAGE)
     stop = threading.Event()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signal_number, lambda *_: stop.set())
-    with server:
+    with server, (tappd if tappd is not None else contextlib.nullcontext()):
         where = f"unix:{args.socket}" + (f" and {server.http_url}" if server.http_url else "")
+        where += f" (Tappd on unix:{args.tappd_socket})" if tappd is not None else ""
         print(
             f"SIMULATED dstack guest agent on {where}: app_id 0x{app_id.hex()}, "
             f"compose_hash {agent.compose_hash.hex()}",
@@ -73,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--state-dir", required=True, help="folder for the simulated TDX platform's keys")
     parser.add_argument("--kms-url", required=True, help="KMS base URL, handed to kms_client.make_key_provider")
     parser.add_argument("--http-port", type=int, default=None, help="also serve on 127.0.0.1:PORT")
+    parser.add_argument("--tappd-socket", default=None, help="also serve the legacy Tappd API on this Unix socket")
     return parser
 
 

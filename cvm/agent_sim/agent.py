@@ -23,7 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cvm.agent_sim import keys
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from cvm.agent_sim import keys, ratls
 from cvm.attest.eventlog import (
     RTMR3_INDEX,
     RuntimeEvent,
@@ -140,6 +142,7 @@ class GuestAgentSimulator:
         self._events: list[RuntimeEvent] = [*os_image.boot_events, *boot_events]
         self._rtmr3 = replay_rtmr(e.digest for e in self._events if e.imr == RTMR3_INDEX)
         self._grant: AppKeyGrant | None = None
+        self._app_ca: ratls.AppCa | None = None
 
     @classmethod
     def boot(
@@ -277,6 +280,25 @@ class GuestAgentSimulator:
         derived = self.get_key("vms", "signing", key_algorithm)
         signature, public_key = keys.sign_data(algorithm, derived.key, data)
         return Signed(signature=signature, public_key=public_key, signature_chain=(signature, *derived.signature_chain))
+
+    # ---- RA-TLS (formulas in :mod:`cvm.agent_sim.ratls`) ---------------------------------------------
+
+    @property
+    def app_id(self) -> bytes:
+        return self._app_id
+
+    def app_ca(self) -> ratls.AppCa:
+        """The app's RA-TLS CA, derived from the app key: its key is the same on every boot of the app; its
+        certificate is made once per agent."""
+        grant = self._require_grant()
+        with self._lock:
+            if self._app_ca is None:
+                self._app_ca = ratls.derive_app_ca(grant.k256_key, self._app_id)
+            return self._app_ca
+
+    def path_tls_key(self, path: str) -> ec.EllipticCurvePrivateKey:
+        """Tappd DeriveKey's P-256 key: ``derive(app key, [path])`` (the bytes GetKey returns for ``path``)."""
+        return ratls.derive_p256_key(self._require_grant().k256_key, [path.encode("utf-8")])
 
     def _require_grant(self) -> AppKeyGrant:
         with self._lock:

@@ -2,7 +2,10 @@
 
 Routes (docs/design.md, "dstack formats"): ``POST /<Method>`` with a JSON body, ``GET /<Method>?<query>``, and
 the pRPC aliases ``/prpc/<Method>`` and ``/prpc/DstackGuest.<Method>``, for GetKey, GetQuote, Info,
-EmitEvent, Sign, Verify and Version. Errors answer ``{"error": "..."}``: 400 for a bad request, 404 for
+EmitEvent, Sign, Verify, Version, GetTlsKey and Attest. With ``service="tappd"`` (its own socket, as dstack 0.5.x
+serves it) the legacy Tappd service instead: DeriveKey, DeriveK256Key, TdxQuote, RawQuote and Info, also under
+``/prpc/Tappd.<Method>`` (:mod:`cvm.agent_sim.extended_api`).
+Errors answer ``{"error": "..."}``: 400 for a bad request, 404 for
 an unknown method, 413 for a body over 1 MiB, 503 while the app key has not been obtained. A body nested deeper
 than 64 levels is a bad request (400), refused before it is decoded.
 
@@ -30,7 +33,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from compose.http_limits import MIB, BodyLimit, guard
-from cvm.agent_sim import schemas
+from cvm.agent_sim import extended_api, schemas
 from cvm.agent_sim.agent import AgentSimError, AppKeyNotReady, GuestAgentSimulator
 from cvm.agent_sim.keys import SIGN_ALGORITHMS, normalize_algorithm, verify_data
 
@@ -52,13 +55,22 @@ class _BadRequest(Exception):
     pass
 
 
-def create_app(agent: GuestAgentSimulator) -> FastAPI:
-    """The FastAPI app serving ``agent`` with dstack's request/response shapes."""
-    methods = _methods(agent)
+def create_app(agent: GuestAgentSimulator, *, service: str = "dstack") -> FastAPI:
+    """The FastAPI app serving ``agent`` with dstack's request/response shapes: the DstackGuest service, or with
+    ``service="tappd"`` the legacy Tappd one."""
+    if service not in ("dstack", "tappd"):
+        raise ValueError(f"service must be 'dstack' or 'tappd', not {service!r}")
+    guest = _methods(agent)
+    if service == "tappd":
+        methods = {"Info": guest["Info"], **extended_api.tappd_methods(agent)}
+        prefix = "Tappd."
+    else:
+        methods = {**guest, **extended_api.guest_methods(agent, lambda: _vm_config(agent))}
+        prefix = "DstackGuest."
     app = FastAPI(title="dstack guest agent (SIMULATED)", docs_url=None, redoc_url=None, openapi_url=None)
 
     async def call(method: str, request: Request) -> JSONResponse:
-        name = method.removeprefix("DstackGuest.")
+        name = method.removeprefix(prefix)
         if name not in methods:
             return _error(404, f"unknown method {name!r}")
         request_model, handler = methods[name]
@@ -86,6 +98,8 @@ Handler = Callable[[Any], BaseModel]
 
 
 def _methods(agent: GuestAgentSimulator) -> Mapping[str, tuple[type[BaseModel] | None, Handler]]:
+    demo_cert = extended_api.DemoCert(agent)
+
     def get_key(request: schemas.GetKeyRequest) -> BaseModel:
         derived = agent.get_key(request.path, request.purpose, request.algorithm)
         return schemas.GetKeyResponse(key=derived.key.hex(), signature_chain=[s.hex() for s in derived.signature_chain])
@@ -108,7 +122,7 @@ def _methods(agent: GuestAgentSimulator) -> Mapping[str, tuple[type[BaseModel] |
         return schemas.InfoResponse(
             app_id=values["app_id"],
             instance_id=values["instance_id"],
-            app_cert="",  # the simulator issues no RA-TLS certificates
+            app_cert=demo_cert.pem(),  # dstack's demo RA-TLS certificate chain ("" before the app key)
             tcb_info=json.dumps(tcb_info | {"simulated": True}),
             app_name=values["app_name"],
             device_id=values["device_id"],
@@ -185,16 +199,19 @@ def _error(status: int, message: str) -> JSONResponse:
 class AgentServer:
     """Serves a :class:`GuestAgentSimulator` on a Unix socket (mode 0600) and optionally on
     ``127.0.0.1:http_port`` (0: any free port), from a background thread (uvicorn then leaves the
-    process's signal handling alone)."""
+    process's signal handling alone). ``service="tappd"`` serves the legacy Tappd service instead (on its own
+    socket, as dstack 0.5.x does: dstack-sdk's ``TappdClient`` looks for ``/var/run/tappd.sock``)."""
 
     def __init__(
-        self, agent: GuestAgentSimulator, socket_path: str | os.PathLike[str], *, http_port: int | None = None
+        self, agent: GuestAgentSimulator, socket_path: str | os.PathLike[str], *, http_port: int | None = None,
+        service: str = "dstack",
     ) -> None:
         self.socket_path = Path(socket_path)
         self._sockets = [_bind_unix_socket(self.socket_path)]
         if http_port is not None:
             self._sockets.append(socket.create_server(("127.0.0.1", http_port)))
-        config = uvicorn.Config(create_app(agent), log_level="warning", access_log=False, lifespan="off")
+        config = uvicorn.Config(create_app(agent, service=service), log_level="warning", access_log=False,
+                                lifespan="off")
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 

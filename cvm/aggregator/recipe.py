@@ -7,6 +7,7 @@ sites approve every round on-chain before the aggregator's CVM can boot (the KMS
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from eth_utils import to_checksum_address
@@ -22,17 +23,24 @@ from cvm.aggregator.errors import RecipeNotARound
 from cvm.federated import RoundContract
 
 ROUND_PAYLOAD_TYPE = "round_record"
-# Measured bytes: changing this changes every round's compose hash.
-ROUND_YAML = ("services:\n  aggregator:\n    image: sealroom/fed-aggregator@sha256:" + "0" * 64 + "\n"
+STUDY_IMAGE_REPOSITORY = "sealroom/study-runner"      # compose.image.STUDY_IMAGE_REPOSITORY (not imported: the
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")          # image's code would then carry the image builder)
+_PLACEHOLDER = "sha256:" + "0" * 64                  # no image has it
+# Measured bytes: changing this changes every round's compose hash. The aggregator runs from the study image,
+# named by the digest of a build (`seal image build`), never by a tag.
+ROUND_YAML = ("services:\n  aggregator:\n    image: " + STUDY_IMAGE_REPOSITORY + "@{digest}\n"
               "    command: [python, -m, cvm.aggregator]\n")
 
 
-def build_round_compose(study: str, contract: RoundContract, sites: Mapping[str, str]) -> bytes:
-    """The app-compose.json bytes of one round: a ``fed_round`` manifest whose params are the contract.
+def build_round_compose(study: str, contract: RoundContract, sites: Mapping[str, str], *, image_digest: str) -> bytes:
+    """The app-compose.json bytes of one round: a ``fed_round`` manifest whose params are the contract, its
+    aggregator service running ``python -m cvm.aggregator`` from the study image ``image_digest`` (``sha256:…``).
 
     ``sites`` maps each site's name to its address; they are the manifest's inputs (so each must approve the
     round on-chain before the KMS records its spend) and must be exactly the contract's eligible sites.
     """
+    if not isinstance(image_digest, str) or not _DIGEST.fullmatch(image_digest) or image_digest == _PLACEHOLDER:
+        raise ValueError(f"image_digest must be a study image's sha256 digest, got {image_digest!r}")
     if {to_checksum_address(a) for a in sites.values()} != set(contract.eligible_sites):
         raise ValueError("the round's sites must be exactly the contract's eligible sites")
     manifest = StudyManifest.model_validate({
@@ -41,7 +49,8 @@ def build_round_compose(study: str, contract: RoundContract, sites: Mapping[str,
         "analysis": {"kind": "fed_round", "params": contract.to_params()},
         "epsilon": contract.epsilon_per_round, "delta": contract.delta, "output_type": ROUND_PAYLOAD_TYPE,
     })
-    return normalized_json_bytes(build_app_compose(f"{study}-round-{contract.round}", ROUND_YAML, manifest))
+    return normalized_json_bytes(build_app_compose(f"{study}-round-{contract.round}",
+                                                   ROUND_YAML.format(digest=image_digest), manifest))
 
 
 def round_contract_of(app_compose: bytes) -> tuple[StudyManifest, RoundContract]:

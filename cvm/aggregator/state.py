@@ -225,7 +225,7 @@ class RoundAggregator:
             # The ε goes on-chain before anything leaves: a refusal here (budget, revoked recipe) releases nothing.
             spend = self.kms.record_round_spend(attest, self.app_compose, record.privacy.epsilon_round)
             evidence = chain_evidence(self.chain, app_id=self.app_id, dstack_kms=self.dstack_kms,
-                                      compose_hash=self.compose_hash)
+                                      compose_hash=self.compose_hash, release_id=spend.release_id)
         except (KmsError, ChainError) as exc:
             return _failed(exc)
         envelope = build_envelope(

@@ -22,8 +22,10 @@ Randomness (house rule: noise only from Opacus, no seeds in production):
   case ran, so the signed output carries it.
 - tests: ``insecure_test_seed=`` seeds that generator; the model is then labelled as not private.
 
-The held-out AUC in ``TrainingRun`` is computed on private rows and is NOT covered by ε: it is a
-diagnostic for the operator and the bench, and only ``TrainingRun.model`` goes through the output gate.
+Hold-out: none by default (``held_out_fraction = 0``): every row trains the model, nothing is silently kept
+back. A recipe may ask for ``held_out_fraction`` > 0; the held-out AUC in ``TrainingRun`` is then computed on
+private rows and is NOT covered by ε, so it is never released: it is a diagnostic for the operator and the
+bench, and only ``TrainingRun.model`` goes through the output gate. No metric leaves the CVM.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import math
 import secrets
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -71,7 +73,7 @@ class TrainingSpec:
     batch_size: int = 8192
     learning_rate: float = 0.05
     max_grad_norm: float = 1.0
-    held_out_fraction: float = 0.2
+    held_out_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.features, Mapping) or not self.features:
@@ -97,8 +99,8 @@ class TrainingSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"{name} must be a positive number")
-        if not 0 < self.held_out_fraction < 1:
-            raise ValueError("held_out_fraction must be in (0, 1)")
+        if isinstance(self.held_out_fraction, bool) or not 0 <= self.held_out_fraction < 1:
+            raise ValueError("held_out_fraction must be in [0, 1)")
 
     @classmethod
     def from_params(cls, params: Mapping[str, object]) -> TrainingSpec:
@@ -132,16 +134,27 @@ def prepare_features(table: pa.Table, spec: TrainingSpec) -> Features:
     missing = [c for c in (*spec.features, spec.label) if c not in table.column_names]
     if missing:
         raise ValueError(f"columns not in the table: {missing}")
+    labels = table.column(spec.label).cast(pa.float64()).fill_null(0.0).to_numpy() >= 0.5
+    return Features(x=standardise(table, spec.features), y=torch.from_numpy(labels.astype(np.float32)))
+
+
+STANDARDISATION = "clip to [low, high], then 2 * (x - low) / (high - low) - 1; null and NaN -> 0"
+
+
+def standardise(table: pa.Table, feature_bounds: Mapping[str, tuple[float, float]]) -> torch.Tensor:
+    """The model's input (rows x features, float32), columns taken BY NAME in ``feature_bounds``' order:
+    :data:`STANDARDISATION`. The CVM and the client's ``load_model`` both score through this function."""
+    missing = [c for c in feature_bounds if c not in table.column_names]
+    if missing:
+        raise ValueError(f"columns not in the table: {missing}")
     columns = []
-    for column, (low, high) in spec.features.items():
+    for column, (low, high) in feature_bounds.items():
         values = table.column(column).cast(pa.float64()).fill_null(math.nan).to_numpy()
         scaled = 2.0 * (np.clip(values, low, high) - low) / (high - low) - 1.0
         columns.append(np.nan_to_num(scaled, nan=0.0))
-    labels = table.column(spec.label).cast(pa.float64()).fill_null(0.0).to_numpy() >= 0.5
-    return Features(
-        x=torch.from_numpy(np.stack(columns, axis=1).astype(np.float32)),
-        y=torch.from_numpy(labels.astype(np.float32)),
-    )
+    if not columns:
+        raise ValueError("no features")
+    return torch.from_numpy(np.stack(columns, axis=1).astype(np.float32))
 
 
 def split_held_out(data: Features, fraction: float, generator: torch.Generator) -> tuple[Features, Features]:
@@ -239,12 +252,33 @@ class DPModel:
     steps: int
     max_grad_norm: float
     noise_source: str
+    label: str = ""
 
     def module(self) -> nn.Module:
         """A torch module with these weights (for scoring)."""
         module = _build_module(self.architecture, len(self.feature_bounds), self.hidden_units, torch.Generator())
         module.load_state_dict({name: torch.from_numpy(array) for name, array in self.weights.items()})
         return module
+
+
+def model_from_payload(payload: Mapping[str, object]) -> DPModel:
+    """The ``DPModel`` a signed ``model_weights`` payload describes (features in the payload's order)."""
+    if payload.get("output_type") != DPModel.output_type:
+        raise ValueError(f"not a model payload (output_type {payload.get('output_type')!r})")
+    if "features" in payload:
+        bounds = {f["name"]: (float(f["bounds"][0]), float(f["bounds"][1])) for f in payload["features"]}
+    else:  # receipts from before the features list
+        bounds = {k: (float(v[0]), float(v[1])) for k, v in payload["feature_bounds"].items()}
+    spent = payload["spent"]
+    return DPModel(
+        architecture=payload["architecture"], hidden_units=int(payload.get("hidden_units", 1)),
+        feature_bounds=bounds,
+        weights={n: np.array(w["values"], dtype=np.float32).reshape(w["shape"]) for n, w in payload["weights"].items()},
+        spent=PrivacyLoss(spent["epsilon"], spent["delta"]), accountant=payload["accountant"],
+        noise_multiplier=payload["noise_multiplier"], sample_rate=payload["sample_rate"], steps=payload["steps"],
+        max_grad_norm=payload["max_grad_norm"], noise_source=payload["noise_source"],
+        label=str(payload.get("label", "")),
+    )
 
 
 def _weights(module: nn.Module) -> dict[str, np.ndarray]:
@@ -290,15 +324,18 @@ def _known_library_warnings_silenced() -> Iterator[None]:
         yield
 
 
-def _fit(module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, epochs: int) -> int:
+def _fit(module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, epochs: int,
+         on_epoch: Callable[[int, int], None] | None = None) -> int:
     loss_function = nn.BCEWithLogitsLoss()
     steps = 0
-    for _ in range(epochs):
+    for epoch in range(epochs):
         for x, y in loader:
             optimizer.zero_grad()
             loss_function(module(x).squeeze(1), y).backward()
             optimizer.step()
             steps += 1
+        if on_epoch is not None:
+            on_epoch(epoch + 1, epochs)   # progress only: the count of epochs is public (the manifest's)
     return steps
 
 
@@ -308,8 +345,11 @@ def _loader(train: Features, spec: TrainingSpec, generator: torch.Generator, shu
     )
 
 
-def train_dp(train: Features, spec: TrainingSpec, budget: PrivacyLoss, *, insecure_test_seed: int | None = None) -> DPModel:
+def train_dp(train: Features, spec: TrainingSpec, budget: PrivacyLoss, *, insecure_test_seed: int | None = None,
+             on_epoch: Callable[[int, int], None] | None = None) -> DPModel:
     """Train ``spec.model`` on ``train`` with DP-SGD so the run spends at most ``budget`` (δ must be > 0).
+
+    ``on_epoch(done, epochs)`` is called after each epoch (progress for the run view; it sees no data).
 
     Raises ``BudgetTooSmall`` when Opacus finds no noise multiplier that meets the budget.
     """
@@ -337,7 +377,7 @@ def train_dp(train: Features, spec: TrainingSpec, budget: PrivacyLoss, *, insecu
             if "privacy budget is too low" not in str(error):
                 raise
             raise BudgetTooSmall("Opacus found no noise multiplier that meets the budget") from None
-        steps = _fit(private_module, private_optimizer, private_loader, spec.epochs)
+        steps = _fit(private_module, private_optimizer, private_loader, spec.epochs, on_epoch)
         spent_epsilon = engine.get_epsilon(budget.delta)
     return DPModel(
         architecture=spec.model,
@@ -351,6 +391,7 @@ def train_dp(train: Features, spec: TrainingSpec, budget: PrivacyLoss, *, insecu
         steps=steps,
         max_grad_norm=spec.max_grad_norm,
         noise_source=randomness.description,
+        label=spec.label,
     )
 
 
@@ -370,20 +411,25 @@ class TrainingRun:
     """A DP-SGD run: the releasable ``model`` and diagnostics that are NOT covered by ε (not released)."""
 
     model: DPModel
-    held_out_auc: float
+    held_out_auc: float | None   # None when the recipe holds no rows out (held_out_fraction = 0)
     train_rows: int
     held_out_rows: int
     train_seconds: float
 
 
 def run_dp_sgd(
-    table: pa.Table, spec: TrainingSpec, budget: PrivacyLoss, *, insecure_test_seed: int | None = None
+    table: pa.Table, spec: TrainingSpec, budget: PrivacyLoss, *, insecure_test_seed: int | None = None,
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> TrainingRun:
-    """The CVM recipe: standardise with the manifest bounds, split, train with DP-SGD, score the held-out rows."""
+    """The CVM recipe: standardise with the manifest bounds, split, train with DP-SGD, score the held-out rows.
+    ``on_epoch(done, epochs)`` reports training progress (see :func:`train_dp`)."""
     data = prepare_features(table, spec)
-    train, held_out = split_held_out(data, spec.held_out_fraction, _generator(insecure_test_seed))
+    if spec.held_out_fraction > 0:
+        train, held_out = split_held_out(data, spec.held_out_fraction, _generator(insecure_test_seed))
+    else:
+        train, held_out = data, Features(data.x[:0], data.y[:0])
     started = time.perf_counter()
-    model = train_dp(train, spec, budget, insecure_test_seed=insecure_test_seed)
+    model = train_dp(train, spec, budget, insecure_test_seed=insecure_test_seed, on_epoch=on_epoch)
     elapsed = time.perf_counter() - started
-    auc = roc_auc(scores(model.module(), held_out), held_out.y.numpy())
+    auc = roc_auc(scores(model.module(), held_out), held_out.y.numpy()) if len(held_out) else None
     return TrainingRun(model, auc, len(train), len(held_out), elapsed)

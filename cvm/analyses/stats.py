@@ -278,6 +278,7 @@ class StatsResult:
     spent: PrivacyLoss
     measure: Literal["zCDP", "pure-DP"]
     composed_loss: float
+    postprocessing: tuple[str, ...] = ()   # what made the noisy values consistent (no extra ε): POSTPROCESSING
 
     def __getitem__(self, name: str) -> QueryResult:
         for result in self.results:
@@ -374,13 +375,41 @@ class _Plan:
         return binned, (scale,)
 
 
-def _finish(query: Query, raw: object) -> float | int | Mapping[str, int]:
+# Post-processing of the noisy releases, at no extra ε (DP is closed under post-processing): each released value is
+# made consistent with what it measures. Named, so that the payload says which ran.
+POSTPROCESSING = {
+    "count": "clamp counts at 0 (integers)",
+    "histogram": "clamp histogram bins at 0 (integers)",
+    "sum": "clamp sums into [rows bound x lower, rows bound x upper] of the declared bounds",
+    "mean": "clamp means into the declared bounds (count floored at 1)",
+    "quantile": "clamp quantiles into the declared bounds",
+}
+
+
+def _clamp(value: float, lower: float, upper: float) -> float:
+    return float(min(max(value, lower), upper))
+
+
+def _finish(query: Query, raw: object, max_rows: int = 0) -> float | int | Mapping[str, int]:
+    """The released value of ``query`` from its noisy output, post-processed (:data:`POSTPROCESSING`)."""
     if isinstance(query, MeanQuery):
         noisy_sum, noisy_count = raw
-        return noisy_sum / max(noisy_count, 1)
+        return _clamp(noisy_sum / max(noisy_count, 1), *query.bounds)
     if isinstance(query, HistogramQuery):
-        return dict(zip(query.labels, (int(c) for c in raw)))
+        return dict(zip(query.labels, (max(int(c), 0) for c in raw)))
+    if isinstance(query, CountQuery):
+        return max(int(raw), 0)
+    if isinstance(query, QuantileQuery):
+        return _clamp(raw, *query.bounds)
+    if isinstance(query, SumQuery) and max_rows:
+        lower, upper = query.bounds
+        return _clamp(raw, min(0.0, lower) * max_rows, max(0.0, upper) * max_rows)
     return raw
+
+
+def postprocessing_applied(request: StatsRequest) -> tuple[str, ...]:
+    """The post-processing steps that ran on ``request``'s releases, in the order of first use."""
+    return tuple(dict.fromkeys(POSTPROCESSING[query.kind] for query in request.queries))
 
 
 def _composed(plan: _Plan, request: StatsRequest) -> tuple[dp.Measurement, list[tuple[dp.Measurement, tuple[float, ...]]]]:
@@ -455,7 +484,7 @@ def run_dp_stats(table: pa.Table, request: StatsRequest, budget: PrivacyLoss) ->
     raw_outputs = release(table)
     spent = release.map(1)
     results = tuple(
-        QueryResult(name=query.name, kind=query.kind, value=_finish(query, raw), noise_scales=scales, loss=part.map(1))
+        QueryResult(name=query.name, kind=query.kind, value=_finish(query, raw, request.max_rows), noise_scales=scales, loss=part.map(1))
         for query, (part, scales), raw in zip(request.queries, parts, raw_outputs)
     )
     return StatsResult(
@@ -463,4 +492,5 @@ def run_dp_stats(table: pa.Table, request: StatsRequest, budget: PrivacyLoss) ->
         spent=PrivacyLoss(spent, 0.0) if pure_dp else PrivacyLoss(*spent),
         measure="pure-DP" if pure_dp else "zCDP",
         composed_loss=composition.map(1),
+        postprocessing=postprocessing_applied(request),
     )
