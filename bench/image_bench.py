@@ -206,7 +206,14 @@ def bench_runs(count: int, rows: int) -> dict:
                 name: backend.isolation.description for name, backend in backends.items()}}
             compose_path, sealed = _approved_and_sealed(stack, owners, _recipe(owners, image, "image-bench"),
                                                         "image-bench", rows)
-            # The image's first container run loads it into the engine: timed apart.
+            # The image's first container run loads it into the engine: timed apart (and said when the engine had
+            # it already: its storage is shared with every other stack on this machine).
+            config_digest = json.loads((default_image_dir(state) / "build-record.json").read_text())["config_digest"]
+            try:
+                engine.client.images.get(config_digest)
+                result["container_image_already_loaded"] = True
+            except Exception:   # noqa: BLE001 - docker.errors.ImageNotFound
+                result["container_image_already_loaded"] = False
             started = time.perf_counter()
             backends["container"].ensure_image(image.split("@", 1)[1])
             result["container_image_load_s"] = round(time.perf_counter() - started, 1)
@@ -250,9 +257,10 @@ def main() -> None:
     result["first_attestation"] = bench_runs(args.runs, args.rows)
     r = result["first_attestation"]
     ratio = r["container"]["first_attestation_s"] / r["process"]["first_attestation_s"]
+    loaded = " (it was loaded already)" if r["container_image_already_loaded"] else ""
     print(f"time to first attestation: container {r['container']['first_attestation_s']} s vs process "
           f"{r['process']['first_attestation_s']} s ({ratio:.2f}×); image load into the engine "
-          f"{r['container_image_load_s']} s once", flush=True)
+          f"{r['container_image_load_s']} s once{loaded}", flush=True)
     out = Path("bench/out")
     out.mkdir(parents=True, exist_ok=True)
     (out / "image_bench.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -18,6 +18,8 @@ from pathlib import Path
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
+from contracts.chain import Chain
+
 STACK_FILE = "stack.json"
 DEPLOYMENT_FILE = "deployment.json"
 DEPLOYMENT_FORMAT = "sealroom-local-deployment/v1"
@@ -93,6 +95,12 @@ class StackDescription:
             raise StackError(f"unreadable stack description {path}: {exc}") from None
         raw["owners"] = [OwnerEntry(**o) for o in raw["owners"]]
         return cls(**raw)
+
+    def connect(self) -> Chain:
+        """A connection to the stack's chain. On an external chain, transactions wait for the stack's
+        confirmations, with a timeout long enough for a public network's blocks. Raises ChainUnreachable."""
+        return Chain(self.rpc_url, confirmations=self.confirmations,
+                     tx_timeout_s=300.0 if self.chain == "external" else 30.0)
 
     def owner(self, name_or_address: str) -> OwnerEntry:
         for entry in self.owners:

@@ -25,8 +25,6 @@ from web3.exceptions import TransactionNotFound
 
 from compose.app_compose import InvalidAppCompose, manifest_from_app_compose
 from contracts.chain import (
-    EIP712_DOMAIN_NAME,
-    EIP712_DOMAIN_VERSION,
     EPSILON_SCALE,
     ChainError,
     ContractReverted,
@@ -156,19 +154,8 @@ def create_app(config: ConsoleConfig) -> FastAPI:
         }
 
     def typed_data(h: str, deadline: int) -> dict:
-        return {
-            "types": {
-                "EIP712Domain": [{"name": "name", "type": "string"}, {"name": "version", "type": "string"},
-                                 {"name": "chainId", "type": "uint256"},
-                                 {"name": "verifyingContract", "type": "address"}],
-                "ApproveComposeHash": [{"name": "composeHash", "type": "bytes32"},
-                                       {"name": "deadline", "type": "uint256"}],
-            },
-            "primaryType": "ApproveComposeHash",
-            "domain": {"name": EIP712_DOMAIN_NAME, "version": EIP712_DOMAIN_VERSION,
-                       "chainId": study.chain.chain_id, "verifyingContract": study.address},
-            "message": {"composeHash": "0x" + h, "deadline": deadline},
-        }
+        typed = study.approval_typed_data(h, deadline)   # the contract binding's, so both sign the same bytes
+        return {**typed, "message": {"composeHash": "0x" + h, "deadline": deadline}}   # JSON for the wallet
 
     # --- pages ------------------------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import uvicorn
 
 from compose.stack_file import StackDescription, StackError, read_keystore
 from console.app import ConsoleConfig, create_app
-from contracts.chain import Chain, ChainError, DstackApp
+from contracts.chain import ChainError, DstackApp
 
 RELAYER_PASSWORD_ENV = "SEALROOM_CONSOLE_RELAYER_PASSWORD"
 
@@ -35,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {unusable}", file=sys.stderr)
         return 2
     try:
-        chain = Chain(stack.rpc_url, confirmations=stack.confirmations,
-                      tx_timeout_s=300.0 if stack.chain == "external" else 30.0)
+        chain = stack.connect()
     except ChainError as down:
         print(f"error: {down}", file=sys.stderr)
         return 2

@@ -464,9 +464,9 @@ class DstackApp:
     def approve(self, compose_hash: bytes | str, owner: LocalAccount) -> Any:
         return self._send(self.contract.functions.approveComposeHash(_hash32(compose_hash)), owner)
 
-    def sign_approval(self, compose_hash: bytes | str, owner: LocalAccount, deadline: int) -> bytes:
-        """An EIP-712 approval that anyone may relay. The digest is computed here, not asked of the node."""
-        typed = {
+    def approval_typed_data(self, compose_hash: bytes | str, deadline: int) -> dict:
+        """The EIP-712 typed data an owner signs to approve ``compose_hash`` (eth_signTypedData_v4's shape)."""
+        return {
             "types": {
                 "EIP712Domain": [{"name": "name", "type": "string"}, {"name": "version", "type": "string"},
                                  {"name": "chainId", "type": "uint256"},
@@ -479,6 +479,10 @@ class DstackApp:
                        "chainId": self.chain.chain_id, "verifyingContract": self.address},
             "message": {"composeHash": _hash32(compose_hash), "deadline": deadline},
         }
+
+    def sign_approval(self, compose_hash: bytes | str, owner: LocalAccount, deadline: int) -> bytes:
+        """An EIP-712 approval that anyone may relay. The digest is computed here, not asked of the node."""
+        typed = self.approval_typed_data(compose_hash, deadline)
         return bytes(owner.sign_message(encode_typed_data(full_message=typed)).signature)
 
     def approve_signed(self, compose_hash: bytes | str, owner: str, deadline: int, signature: bytes,

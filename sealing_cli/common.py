@@ -89,8 +89,7 @@ def load_stack(state_dir: Path | None) -> StackDescription:
 def open_chain(stack: StackDescription) -> Iterator[Chain]:
     """The stack's chain; on an external one, transactions wait for the stack's confirmations."""
     try:
-        chain = Chain(stack.rpc_url, confirmations=stack.confirmations,
-                      tx_timeout_s=300.0 if stack.chain == "external" else 30.0)
+        chain = stack.connect()
     except ChainUnreachable as exc:
         fail(str(exc), EXIT_UNREACHABLE, "is `seal up` still running?")
     with chain:

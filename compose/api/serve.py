@@ -16,7 +16,7 @@ from compose.image.build import default_image_dir
 from compose.image.policy import ImageAllowlist
 from compose.safe_parse import restore_recursion_limit
 from compose.stack_file import StackDescription, StackError, read_keystore
-from contracts.chain import Chain, ChainError, DstackApp
+from contracts.chain import ChainError, DstackApp
 
 __all__ = ["PROPOSER_PASSWORD_ENV", "main"]
 
@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if not backend.isolation.isolated:
         print(f"warning: study runs are {backend.isolation.description}", file=sys.stderr, flush=True)
     try:
-        chain = Chain(stack.rpc_url, confirmations=stack.confirmations,
-                      tx_timeout_s=300.0 if stack.chain == "external" else 30.0)
+        chain = stack.connect()
     except ChainError as down:
         print(f"error: {down}", file=sys.stderr)
         return 2
