@@ -151,9 +151,9 @@ def test_get_key_derives_like_dstack_and_chains_to_the_kms_root(client):
 
 
 def test_get_key_algorithm_changes_the_public_key_not_the_key(client):
-    secp = client.get_key("shared", "p", "secp256k1")
-    ed = client.get_key("shared", "p", "ed25519")
-    assert ed.decode_key() == secp.decode_key() == client.get_key("shared", "p", "k256").decode_key()
+    secp = client.get_key("same-path", "p", "secp256k1")
+    ed = client.get_key("same-path", "p", "ed25519")
+    assert ed.decode_key() == secp.decode_key() == client.get_key("same-path", "p", "k256").decode_key()
     ed_public = Ed25519PrivateKey.from_private_bytes(ed.decode_key()).public_key().public_bytes_raw()
     app_public = recover(ed.decode_signature_chain()[0], keccak(f"p:{ed_public.hex()}".encode()))
     assert app_public == keys.PrivateKey(app_key()).public_key.to_compressed_bytes()

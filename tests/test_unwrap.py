@@ -48,28 +48,34 @@ def world(tmp_path_factory):
 
         compose_h, h = recipe(0.25)
         compose_h2, h2 = recipe(0.26)   # one byte different in the measured recipe
-        for digest in (h, h2):
+        compose_h3, h3 = recipe(0.27)   # the recipe the revocation test revokes: its own, so test order is free
+        for digest in (h, h2, h3):
             study.propose(digest, "", owners["A"])
             study.approve(digest, owners["A"])
             study.approve(digest, owners["B"])
 
-        files = {}
-        for name in "AB":
-            source = state / f"cohort-{name}.csv"
-            # 12 rows: the output gate releases a count only above its minimum group size
-            table = pa.table({"age": [61, 47, 70] * 4, "egfr": [55.5, 90.1, 38.2] * 4, "note": [MARKER, "x", "y"] * 4})
-            pcsv.write_csv(table, source)
-            out = state / f"cohort-{name}.sealed"
-            result = CliRunner().invoke(seal_cli, [
-                "dataset", str(source), "--app-id", d.dstack_app, "--compose-hash", "0x" + h.hex(), "--out", str(out),
-                "--owner", name, "--state-dir", str(state), "--json"])
-            assert result.exit_code == 0, result.output
-            files[name] = (source, out, json.loads(result.stdout))
-        yield stack, study, owners, (compose_h, h), (compose_h2, h2), files
+        def seal_for(digest: bytes) -> dict:
+            sealed = {}
+            for name in "AB":
+                source = state / f"cohort-{name}.csv"
+                # 12 rows: the output gate releases a count only above its minimum group size
+                table = pa.table({"age": [61, 47, 70] * 4, "egfr": [55.5, 90.1, 38.2] * 4,
+                                  "note": [MARKER, "x", "y"] * 4})
+                pcsv.write_csv(table, source)
+                out = state / f"cohort-{name}-{digest.hex()[:8]}.sealed"
+                result = CliRunner().invoke(seal_cli, [
+                    "dataset", str(source), "--app-id", d.dstack_app, "--compose-hash", "0x" + digest.hex(),
+                    "--out", str(out), "--owner", name, "--state-dir", str(state), "--json"])
+                assert result.exit_code == 0, result.output
+                sealed[name] = (source, out, json.loads(result.stdout))
+            return sealed
+
+        files = seal_for(h)
+        yield stack, study, owners, (compose_h, h), (compose_h2, h2), files, (compose_h3, h3, seal_for(h3))
 
 
 def test_sealed_for_h_opens_in_a_cvm_measured_as_h(world):
-    stack, study, _owners, (compose_h, _h), _, files = world
+    stack, study, _owners, (compose_h, _h), _, files, _ = world
     dstack = DstackClient(stack.start_cvm(compose_h, name="cvm-h"))
     with dstack, KmsClient(stack.description.services["kms"]["url"]) as kms:
         inputs = unwrap_datasets([files["A"][1], files["B"][1]], dstack=dstack, kms=kms, chain=stack.chain)
@@ -84,7 +90,7 @@ def test_sealed_for_h_opens_in_a_cvm_measured_as_h(world):
 
 
 def test_same_file_in_a_cvm_measured_as_h_prime_is_refused_and_spends_nothing(world):
-    stack, study, _owners, _, (compose_h2, _h2), files = world
+    stack, study, _owners, _, (compose_h2, _h2), files, _ = world
     spent = study.budget().spent_micro
     dstack = DstackClient(stack.start_cvm(compose_h2, name="cvm-h2"))
     with dstack, KmsClient(stack.description.services["kms"]["url"]) as kms, \
@@ -94,9 +100,9 @@ def test_same_file_in_a_cvm_measured_as_h_prime_is_refused_and_spends_nothing(wo
 
 
 def test_after_one_owner_revokes_the_kms_refuses_and_nothing_is_spent(world):
-    stack, study, owners, (compose_h, h), _, files = world
-    dstack = DstackClient(stack.start_cvm(compose_h, name="cvm-h-late"))  # booted while H was allowed
-    study.revoke(h, owners["C"])
+    stack, study, owners, _, _, _, (compose_h3, h3, files) = world
+    dstack = DstackClient(stack.start_cvm(compose_h3, name="cvm-h-late"))  # booted while H3 was allowed
+    study.revoke(h3, owners["C"])
     spent = study.budget().spent_micro
     with dstack, KmsClient(stack.description.services["kms"]["url"]) as kms, \
             pytest.raises(KmsRefused, match="Compose hash revoked"):
@@ -105,7 +111,7 @@ def test_after_one_owner_revokes_the_kms_refuses_and_nothing_is_spent(world):
 
 
 def test_no_plaintext_or_key_material_on_disk_or_in_logs(world):
-    stack, _study, owners, _, _, files = world
+    stack, _study, owners, _, _, files, _ = world
     inputs = {source for source, _out, _summary in files.values()}
     secrets = [MARKER.encode(), *(o.key for o in owners.values()), *(o.key.hex().encode() for o in owners.values())]
     for path in stack.state_dir.rglob("*"):
