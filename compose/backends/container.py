@@ -45,7 +45,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from compose.backends.engine import ContainerEngine
-from compose.backends.launcher import ManagedProcess, ServiceStartError
+from compose.backends.launcher import ManagedProcess
 from compose.backends.process import (
     RESULT_FILE,
     Isolation,
@@ -57,7 +57,7 @@ from compose.backends.process import (
     _tcp_connector,
     _unix_connector,
     _unix_listener,
-    boot_simulated_agent,
+    boot_watched_agent,
     epochs_done,
 )
 from compose.image.build import BUILD_RECORD, oci_archive
@@ -296,21 +296,11 @@ class ContainerBackend:
         relays.mkdir()
         host.mkdir()
         os.chmod(relays, 0o711)
-        signing = threading.Event()
-
-        def watch_for_sign(request_bytes: bytes) -> None:
-            if b"POST /Sign " in request_bytes:
-                signing.set()
-
         with contextlib.ExitStack() as undo:          # unwinds only if the launch fails half way
             undo.callback(shutil.rmtree, socket_dir, ignore_errors=True)
-            try:
-                agent = boot_simulated_agent(Path(app_compose_path), app_id=self.app_id, kms_url=self.kms_url,
-                                             socket_path=host / "agent.sock",
-                                             simulated_tdx_dir=self.simulated_tdx_dir, log_path=run_dir / "agent.log")
-            except ServiceStartError as failure:
-                raise LaunchFailed(f"the CVM did not boot: {failure}") from None
-            undo.callback(agent.stop)
+            agent, signing, watch_for_sign = boot_watched_agent(
+                undo, Path(app_compose_path), run_dir=run_dir, host=host, app_id=self.app_id, kms_url=self.kms_url,
+                simulated_tdx_dir=self.simulated_tdx_dir)
             forwarders = []
             for name, connect, observe in [("agent", _unix_connector(host / "agent.sock"), watch_for_sign),
                                            *((n, _tcp_connector(*a), None) for n, a in self._upstreams.items())]:

@@ -322,6 +322,28 @@ def epochs_done(log_path: Path, tail_bytes: int = 8192) -> int | None:
     return None
 
 
+def boot_watched_agent(undo: contextlib.ExitStack, app_compose: Path, *, run_dir: Path, host: Path, app_id: str,
+                       kms_url: str, simulated_tdx_dir: Path | None,
+                       ) -> tuple[ManagedProcess, threading.Event, Callable[[bytes], None]]:
+    """Boot a run's SIMULATED guest agent on ``host/agent.sock`` (stopped when ``undo`` unwinds), with the watch
+    that the relay in front of it calls on each request: the returned event is set once the run calls ``Sign``.
+    Both backends launch a run this way. Raises LaunchFailed when the CVM does not boot."""
+    signing = threading.Event()
+
+    def watch_for_sign(request_bytes: bytes) -> None:
+        # dstack-sdk calls the agent's Sign RPC as `POST /Sign`; the run signs its envelope only at the end.
+        if b"POST /Sign " in request_bytes:
+            signing.set()
+
+    try:
+        agent = boot_simulated_agent(app_compose, app_id=app_id, kms_url=kms_url, socket_path=host / "agent.sock",
+                                     simulated_tdx_dir=simulated_tdx_dir, log_path=run_dir / "agent.log")
+    except ServiceStartError as failure:
+        raise LaunchFailed(f"the CVM did not boot: {failure}") from None
+    undo.callback(agent.stop)
+    return agent, signing, watch_for_sign
+
+
 class LocalRun:
     """One study run started by :class:`LocalProcessBackend`: the agent, the study process and the relays."""
 
@@ -404,22 +426,11 @@ class LocalProcessBackend:
         for folder in (work, sockets, host):
             folder.mkdir(parents=True, exist_ok=True)
         sealed = [Path(p).resolve() for p in sealed_files]
-        signing = threading.Event()
-
-        def watch_for_sign(request_bytes: bytes) -> None:
-            # dstack-sdk calls the agent's Sign RPC as `POST /Sign`; the run signs its envelope only at the end.
-            if b"POST /Sign " in request_bytes:
-                signing.set()
-
         with contextlib.ExitStack() as undo:          # unwinds only if the launch fails half way
             undo.callback(shutil.rmtree, socket_dir, ignore_errors=True)
-            try:
-                agent = boot_simulated_agent(Path(app_compose_path), app_id=self.app_id, kms_url=self.kms_url,
-                                             socket_path=host / "agent.sock",
-                                             simulated_tdx_dir=self.simulated_tdx_dir, log_path=run_dir / "agent.log")
-            except ServiceStartError as failure:
-                raise LaunchFailed(f"the CVM did not boot: {failure}") from None
-            undo.callback(agent.stop)
+            agent, signing, watch_for_sign = boot_watched_agent(
+                undo, Path(app_compose_path), run_dir=run_dir, host=host, app_id=self.app_id, kms_url=self.kms_url,
+                simulated_tdx_dir=self.simulated_tdx_dir)
             relays = [(sockets / "agent.sock", _unix_connector(host / "agent.sock"), watch_for_sign)]
             if self.bwrap:
                 relays += [(sockets / f"{name}.sock", _tcp_connector(*address), None)
